@@ -1,0 +1,20 @@
+"""Routing policies for the gateway: pure functions of (request facts, replicas, load).
+
+Shaped like the Gateway API Inference Extension's endpoint picker, cut down:
+the gateway *filters* (replicas serving the model, healthy), a router *scores*
+and *picks* by returning every candidate in preference order. No I/O here.
+"""
+
+from .base import Candidate, Router, RoutingFacts
+from .inflight import InflightLease, InflightTracker
+from .registry import ROUTER_NAMES, build_router
+
+__all__ = [
+    "Candidate",
+    "RoutingFacts",
+    "Router",
+    "InflightTracker",
+    "InflightLease",
+    "build_router",
+    "ROUTER_NAMES",
+]

@@ -1,0 +1,47 @@
+"""Least request: send to the replica with the fewest requests open."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from .base import Candidate, RoutingFacts
+from .inflight import InflightTracker
+from .load import load_of
+from .rotation import DEFAULT_MAX_KEYS, Rotation
+
+
+class LeastRequestRouter:
+    """Lowest load first (see ``load_of``); equal loads are broken by rotation.
+
+    Without the rotation, every tie (e.g. an idle cluster between scrapes)
+    would go to the first replica in the list.
+    """
+
+    __slots__ = ("_inflight", "_rotation")
+    name = "least_request"
+
+    def __init__(self, inflight: InflightTracker, max_models: int = DEFAULT_MAX_KEYS) -> None:
+        self._inflight = inflight
+        self._rotation = Rotation(max_models)
+
+    def choose(self, facts: RoutingFacts, candidates: Sequence[Candidate]) -> list[Candidate]:
+        n = len(candidates)
+        if n == 0:
+            return []
+        if n == 1:
+            return [candidates[0]]
+        inflight = self._inflight
+        loads = [load_of(c, inflight) for c in candidates]
+        # Rotate over the replicas tied at the lowest load, not over all of them:
+        # rotating over all would favour whichever tied replica follows the most
+        # untied ones in the list.
+        low = min(loads)
+        skip = self._rotation.next(facts.model) % loads.count(low)
+        start = 0
+        for start, load in enumerate(loads):
+            if load == low:
+                if skip == 0:
+                    break
+                skip -= 1
+        order = sorted(range(n), key=lambda i: (loads[i], (i - start) % n))
+        return [candidates[i] for i in order]
