@@ -1,0 +1,1 @@
+"""A Ray Serve gateway that sends OpenAI-style requests only to live vLLM replicas."""

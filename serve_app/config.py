@@ -1,0 +1,157 @@
+"""The gateway's whole configuration: one pydantic model, passed as the Serve app's args.
+
+Every field has a default that works, so an empty config starts the local demo
+(three embedded simulator replicas behind static discovery). Validation runs at
+start-up and names the field that is wrong and why.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+
+
+from routers import ROUTER_NAMES
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class StaticDiscovery(_Strict):
+    """A fixed list of vLLM base URLs; each is probed, so dead ones get no traffic."""
+
+    kind: Literal["static"] = "static"
+    urls: list[str] = Field(default_factory=list, description="vLLM base URLs, e.g. http://10.0.0.5:8000")
+    models: dict[str, list[str]] = Field(
+        default_factory=dict,
+        description="Optional url -> served model names; otherwise learnt from the replica's /v1/models.",
+    )
+
+    @field_validator("urls")
+    @classmethod
+    def _urls_are_http(cls, urls: list[str]) -> list[str]:
+        for url in urls:
+            if not url.startswith(("http://", "https://")):
+                raise ValueError(f"{url!r} must start with http:// or https://")
+        return [url.rstrip("/") for url in urls]
+
+
+class KubernetesDiscovery(_Strict):
+    """Mirror vLLM pods from the Kubernetes API (list + watch)."""
+
+    kind: Literal["kubernetes"] = "kubernetes"
+    namespace: str | None = Field(
+        default=None, description="Namespace to watch; null watches all namespaces."
+    )
+    label_selector: str = "app=vllm"
+    model_label: str = Field(
+        default="llm-gateway/model",
+        description="Pod label naming the served model; without it the replica's /v1/models is asked.",
+    )
+    port: int = Field(default=8000, ge=1, le=65535)
+    port_label: str = Field(
+        default="llm-gateway/port", description="Pod label or annotation that overrides `port`."
+    )
+    scheme: Literal["http", "https"] = "http"
+    kubeconfig: str | None = Field(
+        default=None, description="Path to a kubeconfig; null uses in-cluster credentials."
+    )
+    resync_period_s: float = Field(default=300.0, gt=0)
+    watch_timeout_s: int = Field(default=240, ge=10)
+
+
+Discovery = Annotated[Union[StaticDiscovery, KubernetesDiscovery], Field(discriminator="kind")]
+
+
+class EmbeddedSimulators(_Strict):
+    """Local simulated vLLM replicas started with the gateway (the no-cluster demo)."""
+
+    replicas: int = Field(default=3, ge=1, le=64)
+    model: str = "demo-model"
+    host: str = "127.0.0.1"
+    base_port: int = Field(default=8101, ge=1024, le=65000)
+    extra_args: list[str] = Field(default_factory=list, description="Extra `python -m vllm_sim` flags.")
+
+
+class Timeouts(_Strict):
+    connect_s: float = Field(default=3.0, gt=0)
+    first_byte_s: float = Field(
+        default=300.0, gt=0, description="Until the first body byte; long prompts take time."
+    )
+    idle_s: float = Field(default=120.0, gt=0, description="Longest gap between stream chunks.")
+    total_s: float = Field(default=1800.0, gt=0)
+
+
+class Retries(_Strict):
+    max_attempts: int = Field(default=3, ge=1, le=10, description="Attempts before the first byte, each on another replica.")
+    budget_s: float = Field(default=30.0, gt=0, description="Retries stop once this much time has passed.")
+
+
+class Health(_Strict):
+    probe_interval_s: float = Field(default=2.0, gt=0)
+    probe_timeout_s: float = Field(default=2.0, gt=0)
+    metrics_interval_s: float = Field(default=2.0, gt=0, description="How often replicas' /metrics are scraped for load.")
+    eject_after_failures: int = Field(default=3, ge=1, description="Consecutive 5xx/timeouts before ejection.")
+    ejection_base_s: float = Field(default=2.0, gt=0)
+    ejection_max_s: float = Field(default=60.0, gt=0)
+
+
+class GatewayConfig(_Strict):
+    discovery: Discovery = Field(default_factory=StaticDiscovery)
+    simulators: EmbeddedSimulators | None = None
+    router: str = "least_request"
+    router_header: str = "x-gateway-router"
+    models: list[str] = Field(
+        default_factory=list,
+        description="Models answered with 503 rather than 404 even while no replica serves them.",
+    )
+    api_keys: list[SecretStr] = Field(default_factory=list, description="If set, clients must send one as a Bearer token.")
+    max_body_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
+    retry_after_s: int = Field(default=2, ge=1)
+    timeouts: Timeouts = Field(default_factory=Timeouts)
+    retries: Retries = Field(default_factory=Retries)
+    health: Health = Field(default_factory=Health)
+
+    @field_validator("router")
+    @classmethod
+    def _known_router(cls, name: str) -> str:
+        if name not in ROUTER_NAMES:
+            raise ValueError(f"unknown router {name!r}; choose one of: {', '.join(ROUTER_NAMES)}")
+        return name
+
+    @model_validator(mode="after")
+    def _something_to_route_to(self) -> "GatewayConfig":
+        if self.simulators is not None and self.discovery.kind != "static":
+            raise ValueError("simulators: only valid with discovery.kind=static (the local demo)")
+        if self.discovery.kind == "static" and not self.discovery.urls and self.simulators is None:
+            # The embedded default: an empty config is the local demo.
+            object.__setattr__(self, "simulators", EmbeddedSimulators())
+        return self
+
+    def static_urls(self) -> list[str]:
+        """Static URLs, including the embedded simulators' addresses."""
+        if self.discovery.kind != "static":
+            return []
+        urls = list(self.discovery.urls)
+        if self.simulators is not None:
+            sims = self.simulators
+            urls += [f"http://{sims.host}:{sims.base_port + i}" for i in range(sims.replicas)]
+        return urls
+
+
+class ConfigError(ValueError):
+    """Raised at start-up with a message a user can act on."""
+
+
+def load_config(args: dict[str, Any] | None) -> GatewayConfig:
+    """Validate Serve application args into a GatewayConfig, or explain what is wrong."""
+    try:
+        return GatewayConfig.model_validate(args or {})
+    except ValidationError as exc:
+        lines = [f"invalid gateway config ({exc.error_count()} problem(s)):"]
+        for err in exc.errors():
+            where = ".".join(str(part) for part in err["loc"]) or "(top level)"
+            lines.append(f"  {where}: {err['msg']}")
+        raise ConfigError("\n".join(lines)) from None

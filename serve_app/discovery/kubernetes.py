@@ -1,0 +1,180 @@
+"""Kubernetes discovery: list + watch vLLM pods and mirror them into the replica table.
+
+The loop follows what kopf and client-go informers learnt the hard way:
+- list, then watch from the list's resourceVersion, with bookmarks;
+- on 410 Gone, a watch error or a dropped connection, list again and reconcile with
+  `replace_all`, so a pod deleted while the watch was down cannot survive as a ghost;
+- reconnect with capped exponential backoff, and re-list on a fixed resync period;
+- while the API server is unreachable, keep the last view and say since when it is stale.
+
+The blocking client runs in one thread; every change is handed to the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from ..config import KubernetesDiscovery
+from ..replicas import DiscoveryStatus, Endpoint
+from .base import DiscoverySink
+from .pods import endpoint_from_pod, pod_replica_id
+
+log = logging.getLogger(__name__)
+
+LIST_PAGE_SIZE = 500
+CONNECT_TIMEOUT_S = 5.0
+MAX_BACKOFF_S = 10.0
+
+
+class _WatchExpired(Exception):
+    """410 Gone: our resourceVersion is too old; only a fresh list can recover."""
+
+
+class KubernetesSource:
+    def __init__(self, config: KubernetesDiscovery, api_client_factory: Callable[[], Any] | None = None) -> None:
+        self._config = config
+        self._api_client_factory = api_client_factory or self._default_api_client
+        self._stop = threading.Event()
+        self._response: Any = None
+
+    async def run(self, sink: DiscoverySink) -> None:
+        loop = asyncio.get_running_loop()
+
+        def post(fn: Callable[..., None], *args: Any) -> None:
+            loop.call_soon_threadsafe(fn, *args)
+
+        thread = threading.Thread(target=self._loop, args=(post, sink), name="pod-watch", daemon=True)
+        thread.start()
+        try:
+            await asyncio.Event().wait()
+        finally:
+            self._stop.set()
+            response = self._response
+            if response is not None:
+                response.close()  # unblocks the watch read
+
+    # -- the blocking side ---------------------------------------------------------
+
+    def _default_api_client(self) -> Any:
+        from kubernetes import client, config
+
+        if self._config.kubeconfig:
+            return config.new_client_from_config(config_file=self._config.kubeconfig)
+        configuration = client.Configuration()
+        config.load_incluster_config(client_configuration=configuration)
+        return client.ApiClient(configuration)
+
+    def _loop(self, post: Callable[..., None], sink: DiscoverySink) -> None:
+        from kubernetes import client
+
+        api = None
+        backoff = 0.2
+        failing_since: float | None = None
+        resource_version: str | None = None
+        next_resync = 0.0
+        while not self._stop.is_set():
+            try:
+                if api is None:
+                    api = client.CoreV1Api(self._api_client_factory())
+                if resource_version is None or time.monotonic() >= next_resync:
+                    endpoints, resource_version = self._list(api)
+                    post(sink.replace_all, endpoints)
+                    post(
+                        sink.set_discovery_status,
+                        DiscoveryStatus(synced=True, message=f"watching {len(endpoints)} pod(s)"),
+                    )
+                    failing_since, backoff = None, 0.2
+                    next_resync = time.monotonic() + self._config.resync_period_s
+                watch_for = max(1, min(self._config.watch_timeout_s, int(next_resync - time.monotonic()) + 1))
+                resource_version = self._watch(api, resource_version, watch_for, post, sink)
+            except _WatchExpired:
+                log.info("pod watch expired (410 Gone); re-listing")
+                resource_version = None
+            except Exception as exc:  # noqa: BLE001 - any failure means: re-list after a backoff
+                if self._stop.is_set():
+                    return
+                resource_version = None
+                if failing_since is None:
+                    failing_since = time.time()
+                message = f"Kubernetes API unreachable: {type(exc).__name__}: {str(exc)[:200]}"
+                log.warning("%s; retrying in %.1fs", message, backoff)
+                post(
+                    sink.set_discovery_status,
+                    DiscoveryStatus(synced=True, stale_since=failing_since, message=message),
+                )
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, MAX_BACKOFF_S)
+
+    def _list_call(self, api: Any) -> Callable[..., Any]:
+        if self._config.namespace:
+            return lambda **kw: api.list_namespaced_pod(self._config.namespace, **kw)
+        return api.list_pod_for_all_namespaces
+
+    def _list(self, api: Any) -> tuple[list[Endpoint], str]:
+        call = self._list_call(api)
+        endpoints: list[Endpoint] = []
+        token: str | None = None
+        while True:
+            kwargs: dict[str, Any] = {"label_selector": self._config.label_selector, "limit": LIST_PAGE_SIZE}
+            if token:
+                kwargs["_continue"] = token
+            response = call(_preload_content=False, _request_timeout=(CONNECT_TIMEOUT_S, 60), **kwargs)
+            body = json.loads(response.data)
+            for pod in body.get("items") or ():
+                endpoint = endpoint_from_pod(pod, self._config)
+                if endpoint is not None:
+                    endpoints.append(endpoint)
+            meta = body.get("metadata") or {}
+            token = meta.get("continue")
+            if not token:
+                return endpoints, meta["resourceVersion"]
+
+    def _watch(
+        self,
+        api: Any,
+        resource_version: str,
+        timeout_s: int,
+        post: Callable[..., None],
+        sink: DiscoverySink,
+    ) -> str:
+        from kubernetes.watch.watch import iter_resp_lines
+
+        response = self._list_call(api)(
+            label_selector=self._config.label_selector,
+            watch=True,
+            resource_version=resource_version,
+            allow_watch_bookmarks=True,
+            timeout_seconds=timeout_s,
+            _preload_content=False,
+            _request_timeout=(CONNECT_TIMEOUT_S, timeout_s + 15),
+        )
+        self._response = response
+        try:
+            for line in iter_resp_lines(response):
+                if self._stop.is_set():
+                    break
+                event = json.loads(line)
+                kind, obj = event.get("type"), event.get("object") or {}
+                if kind == "ERROR":
+                    if obj.get("code") == 410:
+                        raise _WatchExpired()
+                    raise RuntimeError(f"watch error {obj.get('code')}: {obj.get('message')}")
+                resource_version = (obj.get("metadata") or {}).get("resourceVersion", resource_version)
+                if kind == "BOOKMARK":
+                    continue
+                endpoint = None if kind == "DELETED" else endpoint_from_pod(obj, self._config)
+                if endpoint is None:
+                    post(sink.remove, pod_replica_id(obj))
+                else:
+                    post(sink.upsert, endpoint)
+        finally:
+            self._response = None
+            response.close()
+            response.release_conn()
+        return resource_version

@@ -1,0 +1,274 @@
+"""Send one request to a replica, retrying on another until a byte has gone to the client.
+
+What may be retried: a refused connection, a reset or timeout before the response
+started, and a 5xx status. A stream is committed to the client only when its first
+chunk has arrived, so a replica that accepts a stream and dies before producing a
+token is retried too. Once a byte is out, a failure ends the stream with an SSE error
+event (never a silent cut).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+import aiohttp
+from starlette.responses import Response, StreamingResponse
+
+from routers import Candidate, InflightLease, InflightTracker, Router
+
+from .config import GatewayConfig
+from .errors import GatewayError, no_ready_replica, stream_error_event
+from .local_view import LocalView
+from .metrics import RequestMetrics
+from .parsing import ParsedRequest
+
+log = logging.getLogger(__name__)
+
+RETRYABLE_STATUSES = frozenset({500, 502, 503, 504})
+REPLICA_HEADER = "x-gateway-replica"
+ATTEMPTS_HEADER = "x-gateway-attempts"
+DONE_MARKER = b"data: [DONE]"
+PASSED_HEADERS = ("content-type",)
+
+
+class Failure(enum.Enum):
+    CONNECT = "connect_failed"  # nothing listening: the replica is not there
+    RESET = "connection_reset"
+    TIMEOUT = "timeout"
+    STATUS = "upstream_status"
+
+
+@dataclass(slots=True)
+class _AttemptError(Exception):
+    kind: Failure
+    detail: str
+    status: int | None = None
+    body: bytes = b""
+    content_type: str = "application/json"
+
+
+class Forwarder:
+    """Per-ingress-replica forwarding: one pooled HTTP session, one in-flight tracker."""
+
+    def __init__(
+        self,
+        config: GatewayConfig,
+        view: LocalView,
+        inflight: InflightTracker,
+        session: aiohttp.ClientSession,
+        report_failure: Callable[[str, str], None],
+        metrics: RequestMetrics,
+    ) -> None:
+        self._config = config
+        self._view = view
+        self._inflight = inflight
+        self._session = session
+        self._report_failure = report_failure
+        self._metrics = metrics
+        self._consecutive_5xx: dict[str, int] = {}
+
+    async def forward(
+        self, path: str, body: bytes, parsed: ParsedRequest, request_id: str, router: Router
+    ) -> Response:
+        model = parsed.facts.model
+        started = time.monotonic()
+        self._metrics.started(model)
+        try:
+            response = await self._forward(path, body, parsed, request_id, router, started)
+        except BaseException:
+            self._metrics.finished(model, "cancelled", "", time.monotonic() - started)
+            raise
+        if not isinstance(response, StreamingResponse):
+            replica = response.headers.get(REPLICA_HEADER, "")
+            self._metrics.finished(model, response.status_code, replica, time.monotonic() - started)
+        return response
+
+    async def _forward(
+        self, path: str, body: bytes, parsed: ParsedRequest, request_id: str, router: Router, started: float
+    ) -> Response:
+        model = parsed.facts.model
+        candidates = self._view.candidates(model)
+        if not candidates:
+            detail = "replicas are starting" if self._view.has_coming(model) else "no replica is ready"
+            return no_ready_replica(model, detail, self._config.retry_after_s).response()
+        ordered = router.choose(parsed.facts, candidates)
+        retries = self._config.retries
+        last: _AttemptError | None = None
+        tried: list[Candidate] = []
+        for candidate in ordered[: retries.max_attempts]:
+            if tried and time.monotonic() - started > retries.budget_s:
+                break
+            tried.append(candidate)
+            lease = self._inflight.acquire(candidate.replica_id)
+            try:
+                response = await self._attempt(
+                    candidate, path, body, parsed, request_id, lease, started, len(tried)
+                )
+            except _AttemptError as err:
+                lease.release()
+                last = err
+                self._note_failure(candidate, err)
+                continue
+            except BaseException:
+                lease.release()
+                raise
+            return response
+        assert last is not None
+        return self._give_up(model, last, tried)
+
+    async def _attempt(
+        self,
+        candidate: Candidate,
+        path: str,
+        body: bytes,
+        parsed: ParsedRequest,
+        request_id: str,
+        lease: InflightLease,
+        started: float,
+        attempt: int,
+    ) -> Response:
+        timeouts = self._config.timeouts
+        headers = {"content-type": "application/json", "x-request-id": request_id}
+        upstream: aiohttp.ClientResponse | None = None
+        try:
+            async with asyncio.timeout(timeouts.first_byte_s):
+                upstream = await self._session.post(candidate.url + path, data=body, headers=headers)
+                if upstream.status in RETRYABLE_STATUSES:
+                    data = await upstream.read()
+                    raise _AttemptError(
+                        Failure.STATUS,
+                        f"replica answered {upstream.status}",
+                        status=upstream.status,
+                        body=data,
+                        content_type=upstream.headers.get("content-type", "application/json"),
+                    )
+                if not (parsed.stream and upstream.status == 200):
+                    data = await upstream.read()
+                    first = b""
+                else:
+                    first = await upstream.content.readany()
+                    if not first:
+                        raise _AttemptError(Failure.RESET, "stream closed before its first byte")
+        except _AttemptError:
+            if upstream is not None:
+                upstream.release()
+            raise
+        except aiohttp.ClientConnectorError as exc:
+            raise _AttemptError(Failure.CONNECT, str(exc)) from None
+        except (aiohttp.ClientError, ConnectionError) as exc:
+            if upstream is not None:
+                upstream.close()
+            raise _AttemptError(Failure.RESET, f"{type(exc).__name__}: {exc}") from None
+        except TimeoutError:
+            if upstream is not None:
+                upstream.close()
+            raise _AttemptError(Failure.TIMEOUT, f"no response within {timeouts.first_byte_s}s") from None
+
+        self._consecutive_5xx.pop(candidate.replica_id, None)
+        model = parsed.facts.model
+        out_headers = {
+            "x-request-id": request_id,
+            REPLICA_HEADER: candidate.replica_id,
+            ATTEMPTS_HEADER: str(attempt),
+        }
+        for name in PASSED_HEADERS:
+            if name in upstream.headers:
+                out_headers[name] = upstream.headers[name]
+        self._metrics.first_byte(model, time.monotonic() - started)
+        if not first:
+            lease.release()
+            upstream.release()
+            return Response(data, status_code=upstream.status, headers=out_headers)
+        return StreamingResponse(
+            self._relay(upstream, first, candidate, lease, model, started),
+            status_code=upstream.status,
+            headers=out_headers,
+        )
+
+    async def _relay(
+        self,
+        upstream: aiohttp.ClientResponse,
+        first: bytes,
+        candidate: Candidate,
+        lease: InflightLease,
+        model: str,
+        started: float,
+    ) -> AsyncIterator[bytes]:
+        """Pass stream bytes through untouched; end a broken stream with an error event."""
+        idle_s = self._config.timeouts.idle_s
+        deadline = started + self._config.timeouts.total_s
+        tail = first[-64:]
+        outcome = "ok"
+        try:
+            yield first
+            while True:
+                wait = min(idle_s, deadline - time.monotonic())
+                try:
+                    async with asyncio.timeout(max(wait, 0.001)):
+                        chunk = await upstream.content.readany()
+                except TimeoutError:
+                    outcome = "timeout"
+                    yield stream_error_event(f"the replica sent nothing for {wait:.0f}s", "upstream_timeout")
+                    self._report(candidate, Failure.TIMEOUT, "stream idle timeout")
+                    return
+                if not chunk:
+                    break
+                tail = (tail + chunk)[-64:]
+                yield chunk
+            if DONE_MARKER not in tail:
+                outcome = "cut"
+                yield stream_error_event("the replica closed the stream before it finished", "upstream_cut")
+                self._report(candidate, Failure.RESET, "stream ended without [DONE]")
+        except (aiohttp.ClientError, ConnectionError) as exc:
+            outcome = "reset"
+            yield stream_error_event(f"the replica failed mid-stream: {type(exc).__name__}", "upstream_reset")
+            self._report(candidate, Failure.RESET, f"mid-stream {type(exc).__name__}")
+        except (asyncio.CancelledError, GeneratorExit):
+            outcome = "client_disconnected"
+            raise
+        finally:
+            if outcome == "ok":
+                upstream.release()  # fully read: the connection goes back to the pool
+            else:
+                upstream.close()  # an unfinished body must not return to the pool
+            lease.release()
+            if outcome not in ("ok", "client_disconnected"):
+                self._metrics.stream_error(model, candidate.replica_id)
+            self._metrics.finished(model, 200 if outcome == "ok" else outcome, candidate.replica_id, time.monotonic() - started)
+
+    def _note_failure(self, candidate: Candidate, err: _AttemptError) -> None:
+        log.warning("attempt on %s failed: %s (%s)", candidate.replica_id, err.kind.value, err.detail)
+        if err.kind is Failure.STATUS:
+            count = self._consecutive_5xx.get(candidate.replica_id, 0) + 1
+            if count < self._config.health.eject_after_failures:
+                self._consecutive_5xx[candidate.replica_id] = count
+                return
+            self._consecutive_5xx.pop(candidate.replica_id, None)
+        self._report(candidate, err.kind, err.detail)
+
+    def _report(self, candidate: Candidate, kind: Failure, detail: str) -> None:
+        self._view.eject_locally(candidate.replica_id, self._config.health.ejection_base_s)
+        self._report_failure(candidate.replica_id, f"{kind.value}: {detail}")
+
+    def _give_up(self, model: str, last: _AttemptError, tried: list[Candidate]) -> Response:
+        """Every attempt failed before a byte went out: answer with what best tells the client why."""
+        attempts = {ATTEMPTS_HEADER: str(len(tried))}
+        if last.kind is Failure.STATUS and last.status is not None:
+            headers = {**attempts, "content-type": last.content_type}
+            if last.status == 503:
+                headers["retry-after"] = str(self._config.retry_after_s)
+            return Response(last.body, status_code=last.status, headers=headers)
+        if last.kind is Failure.TIMEOUT:
+            err = GatewayError(
+                504, f"the replica did not answer in time ({last.detail})", type="timeout_error", code="upstream_timeout"
+            )
+            return err.response(attempts)
+        if last.kind is Failure.CONNECT:
+            return no_ready_replica(model, "every replica tried refused the connection", self._config.retry_after_s).response(attempts)
+        err = GatewayError(502, f"the replica failed ({last.detail})", type="upstream_error", code="upstream_reset")
+        return err.response(attempts)

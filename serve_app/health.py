@@ -1,0 +1,187 @@
+"""The replica-health actor: the single source of truth for which replicas exist and their state.
+
+It runs as a one-replica Serve deployment, so it lives and dies with the application
+and Serve restarts it if it crashes; a restarted actor rebuilds its view from the
+discovery source and its own probes before it publishes anything (a fresh actor never
+tells ingress replicas that everything is PENDING).
+
+Ingress replicas long-poll `snapshot_since`; nothing here is on the request path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from typing import Any
+
+import aiohttp
+from ray import serve
+
+from .config import GatewayConfig, load_config
+from .discovery import build_source
+from .metrics import FamilyData, MetricsAggregator, render, replica_state_metrics
+from .prober import Prober
+from .replicas import ReplicaState, Snapshot
+from .table import ReplicaTable
+
+log = logging.getLogger("ray.serve")
+
+LONG_POLL_TIMEOUT_S = 20.0
+MODELS_REFRESH_ROUNDS = 15  # re-read /v1/models every N probe rounds
+PROBE_CONCURRENCY = 64
+
+
+@serve.deployment(
+    name="ReplicaHealth",
+    num_replicas=1,
+    max_ongoing_requests=100_000,  # long-polls from every ingress replica wait here
+    ray_actor_options={"num_cpus": 0},
+    health_check_period_s=2,
+    health_check_timeout_s=10,
+    graceful_shutdown_timeout_s=2,
+)
+class ReplicaHealth:
+    async def __init__(self, config: dict[str, Any] | GatewayConfig | None = None) -> None:
+        self._config = config if isinstance(config, GatewayConfig) else load_config(config)
+        health = self._config.health
+        self._table = ReplicaTable(
+            epoch=uuid.uuid4().hex,
+            ejection_base_s=health.ejection_base_s,
+            ejection_max_s=health.ejection_max_s,
+            configured_models=self._config.models,
+        )
+        self._changed = asyncio.Event()
+        self._probe_now = asyncio.Event()
+        self._warm = asyncio.Event()  # set once the first full view is built
+        self._table.add_listener(self._on_change)
+        self._metrics = MetricsAggregator()
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=PROBE_CONCURRENCY, keepalive_timeout=4.0)
+        )
+        self._prober = Prober(self._session, health.probe_timeout_s)
+        self._tasks = [
+            asyncio.create_task(build_source(self._config).run(self._table), name="discovery"),
+            asyncio.create_task(self._probe_loop(), name="probes"),
+            asyncio.create_task(self._load_loop(), name="load"),
+        ]
+        for task in self._tasks:
+            task.add_done_callback(self._task_died)
+
+    def _task_died(self, task: asyncio.Task) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            # A dead loop means a frozen view: crash so Serve restarts the actor.
+            log.error("health loop %s died: %r", task.get_name(), task.exception())
+            self._fatal = task.exception()
+
+    _fatal: BaseException | None = None
+
+    def check_health(self) -> None:
+        if self._fatal is not None:
+            raise RuntimeError(f"replica-health loop died: {self._fatal!r}")
+
+    def _on_change(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+        if self._table.awaiting_first_probe():
+            self._probe_now.set()
+
+    # -- the loops --------------------------------------------------------------------
+
+    async def _probe_loop(self) -> None:
+        interval = self._config.health.probe_interval_s
+        rounds = 0
+        while True:
+            full_round = not self._probe_now.is_set()
+            if full_round:
+                try:
+                    await asyncio.wait_for(self._probe_now.wait(), timeout=interval if self._warm.is_set() else 0.05)
+                    full_round = False
+                except TimeoutError:
+                    pass
+            self._probe_now.clear()
+            rounds += full_round
+            ids = [
+                rid
+                for rid in self._table.replica_ids()
+                if self._probe_wanted(rid, full_round)
+            ]
+            await self._probe_all(ids, refresh_models=full_round and rounds % MODELS_REFRESH_ROUNDS == 0)
+            if full_round and self._table.discovery.synced and not self._warm.is_set():
+                self._warm.set()
+                log.info("replica view ready: %d replica(s)", len(self._table.replica_ids()))
+
+    def _probe_wanted(self, replica_id: str, full_round: bool) -> bool:
+        endpoint = self._table.endpoint(replica_id)
+        if endpoint is None or not endpoint.url or endpoint.state is not ReplicaState.READY:
+            return False  # PENDING/DRAINING as the source says: nothing to check
+        if full_round:
+            return True
+        state = self._table.state(replica_id)
+        return state is ReplicaState.PENDING or self._table.due_for_readmission(replica_id)
+
+    async def _probe_all(self, replica_ids: list[str], refresh_models: bool) -> None:
+        semaphore = asyncio.Semaphore(PROBE_CONCURRENCY)
+
+        async def probe_one(replica_id: str) -> None:
+            endpoint = self._table.endpoint(replica_id)
+            if endpoint is None:
+                return
+            want_models = not endpoint.models and (refresh_models or self._table.needs_models(replica_id))
+            async with semaphore:
+                result = await self._prober.probe(endpoint.url, want_models)
+            if self._table.endpoint(replica_id) == endpoint:  # still the same process
+                self._table.probe_result(replica_id, result.ok, result.error, result.models)
+
+        await asyncio.gather(*(probe_one(rid) for rid in replica_ids))
+
+    async def _load_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self._config.health.metrics_interval_s)
+            snapshot = self._table.snapshot()
+            ready = [view for view in snapshot.replicas if view.state is ReplicaState.READY]
+            loads = await asyncio.gather(*(self._prober.load(view.url) for view in ready))
+            for view, load in zip(ready, loads):
+                if load is not None:
+                    self._table.set_load(view.replica_id, load.running, load.waiting, load.kv_cache_usage)
+
+    # -- what ingress replicas call ------------------------------------------------------
+
+    async def snapshot_since(self, epoch: str | None, version: int, timeout_s: float = LONG_POLL_TIMEOUT_S) -> Snapshot | None:
+        """The current snapshot once it is newer than (epoch, version); None on timeout."""
+        deadline = time.monotonic() + timeout_s
+        if not self._warm.is_set():
+            try:
+                await asyncio.wait_for(self._warm.wait(), timeout=timeout_s)
+            except TimeoutError:
+                return None
+        while epoch == self._table.epoch and self._table.version <= version:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return None
+            try:
+                await asyncio.wait_for(self._changed.wait(), timeout=remaining)
+            except TimeoutError:
+                return None
+        return self._table.snapshot()
+
+    def report_failure(self, replica_id: str, reason: str) -> None:
+        """Passive health from an ingress replica: eject it for everyone."""
+        log.warning("replica %s reported failing: %s", replica_id, reason)
+        self._table.report_failure(replica_id, reason)
+        self._probe_now.set()
+
+    def push_metrics(self, source_id: str, families: tuple[FamilyData, ...]) -> None:
+        self._metrics.push(source_id, families)
+
+    def metrics_text(self) -> bytes:
+        return render([*self._metrics.merged(), *replica_state_metrics(self._table.snapshot())])
+
+    def current(self) -> Snapshot:
+        return self._table.snapshot()
+
+    async def __del__(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await self._session.close()

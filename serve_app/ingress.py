@@ -1,0 +1,316 @@
+"""The ingress deployment: OpenAI-compatible routes in front of the vLLM replicas.
+
+A request never waits on the health actor: each ingress replica keeps its own copy of
+the replica table, refreshed by a background long-poll, and keeps serving on its last
+copy while the actor is away.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from typing import Any
+
+import aiohttp
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from prometheus_client import CONTENT_TYPE_LATEST
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import JSONResponse, Response
+
+from routers import ROUTER_NAMES, InflightTracker, Router, build_router
+
+from .config import GatewayConfig, load_config
+from .errors import GatewayError, bad_request, error_body, model_not_found, no_ready_replica
+from .forwarding import Forwarder
+from .local_view import LocalView
+from .metrics import UNKNOWN_MODEL, RequestMetrics
+from .parsing import parse_request
+
+log = logging.getLogger("ray.serve")
+
+METRICS_PUSH_INTERVAL_S = 1.0
+FIRST_SNAPSHOT_WAIT_S = 30.0
+MAX_PENDING_REPORTS = 256
+SESSION_HEADER = "x-session-id"
+
+app = FastAPI(title="LLM gateway", docs_url=None, redoc_url=None, openapi_url=None)
+
+
+@app.exception_handler(GatewayError)
+async def _gateway_error(request: Request, exc: GatewayError) -> Response:
+    return exc.response()
+
+
+@app.exception_handler(RequestValidationError)
+async def _validation_error(request: Request, exc: RequestValidationError) -> Response:
+    return bad_request(str(exc)).response()
+
+
+@app.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+    return Response(
+        error_body(str(exc.detail), "invalid_request_error", code),
+        status_code=exc.status_code,
+        media_type="application/json",
+    )
+
+
+@app.exception_handler(Exception)
+async def _bug(request: Request, exc: Exception) -> Response:
+    # A 500 from the gateway itself is a bug: log it loudly, still answer in OpenAI's shape.
+    log.exception("unhandled error on %s", request.url.path)
+    return Response(
+        error_body(f"internal gateway error: {type(exc).__name__}", "server_error", "gateway_bug"),
+        status_code=500,
+        media_type="application/json",
+    )
+
+
+@serve.deployment(
+    name="Gateway",
+    max_ongoing_requests=1000,  # an I/O-bound proxy: requests mostly wait on replicas
+    ray_actor_options={"num_cpus": 0.5},
+    graceful_shutdown_timeout_s=60,
+    graceful_shutdown_wait_loop_s=1,
+)
+@serve.ingress(app)
+class Gateway:
+    async def __init__(
+        self,
+        config: dict[str, Any] | GatewayConfig | None,
+        health: DeploymentHandle,
+        simulators: DeploymentHandle | None = None,
+    ) -> None:
+        self._config = config if isinstance(config, GatewayConfig) else load_config(config)
+        self._health = health
+        self._simulators = simulators  # bound only so the demo's replicas are deployed with the app
+        self._id = _replica_id()
+        timeouts = self._config.timeouts
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=4.0, enable_cleanup_closed=True),
+            timeout=aiohttp.ClientTimeout(total=None, connect=timeouts.connect_s, sock_connect=timeouts.connect_s),
+            auto_decompress=False,
+        )
+        self._view = LocalView()
+        self._view_updated = asyncio.Event()
+        self._inflight = InflightTracker()
+        self._routers: dict[str, Router] = {name: build_router(name, self._inflight) for name in ROUTER_NAMES}
+        self._metrics = RequestMetrics()
+        self._pending_reports: set[asyncio.Task] = set()
+        self._forwarder = Forwarder(
+            self._config, self._view, self._inflight, self._session, self._report_failure, self._metrics
+        )
+        self._tasks = [
+            asyncio.create_task(self._poll_snapshots(), name="snapshot-poll"),
+            asyncio.create_task(self._push_metrics(), name="metrics-push"),
+        ]
+        try:
+            await asyncio.wait_for(self._view_updated.wait(), FIRST_SNAPSHOT_WAIT_S)
+        except TimeoutError:
+            log.warning("no replica view after %.0fs; answering 503 until one arrives", FIRST_SNAPSHOT_WAIT_S)
+
+    # -- background -------------------------------------------------------------------
+
+    async def _poll_snapshots(self) -> None:
+        epoch: str | None = None
+        version = -1
+        backoff = 0.05
+        while True:
+            try:
+                snapshot = await self._health.snapshot_since.remote(epoch, version)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - the actor is away: keep the last view
+                log.warning("replica-health actor unreachable (%s); serving on the last view", type(exc).__name__)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 2.0)
+                continue
+            backoff = 0.05
+            if snapshot is None:
+                continue
+            self._view.apply(snapshot)
+            self._inflight.forget(self._view.replica_ids())
+            epoch, version = snapshot.epoch, snapshot.version
+            self._view_updated.set()
+            self._view_updated = asyncio.Event()
+
+    async def _push_metrics(self) -> None:
+        while True:
+            await asyncio.sleep(METRICS_PUSH_INTERVAL_S)
+            try:
+                await self._health.push_metrics.remote(self._id, self._metrics.export())
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - next push carries the cumulative figures anyway
+                pass
+
+    def _report_failure(self, replica_id: str, reason: str) -> None:
+        if len(self._pending_reports) >= MAX_PENDING_REPORTS:
+            return  # the actor is slow or away; local ejection already protects this replica
+
+        async def send() -> None:
+            try:
+                await self._health.report_failure.remote(replica_id, reason)
+            except Exception:  # noqa: BLE001
+                pass
+
+        task = asyncio.create_task(send())
+        self._pending_reports.add(task)
+        task.add_done_callback(self._pending_reports.discard)
+
+    # -- OpenAI routes ----------------------------------------------------------------
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request) -> Response:
+        return await self._proxy(request, "/v1/chat/completions")
+
+    @app.post("/v1/completions")
+    async def completions(self, request: Request) -> Response:
+        return await self._proxy(request, "/v1/completions")
+
+    @app.post("/v1/embeddings")
+    async def embeddings(self, request: Request) -> Response:
+        return await self._proxy(request, "/v1/embeddings")
+
+    @app.get("/v1/models")
+    async def models(self, request: Request) -> Response:
+        self._check_auth(request)
+        data = [
+            {"id": model, "object": "model", "created": 0, "owned_by": "llm-gateway"}
+            for model in self._view.ready_models()
+        ]
+        return JSONResponse({"object": "list", "data": data})
+
+    async def _proxy(self, request: Request, path: str) -> Response:
+        request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
+        model_label = UNKNOWN_MODEL
+        try:
+            self._check_auth(request)
+            body = await self._read_body(request)
+            parsed = parse_request(path, body, request.headers.get(SESSION_HEADER))
+            model = parsed.facts.model
+            if not self._view.has_snapshot:
+                raise no_ready_replica(model, "the gateway has no replica view yet", self._config.retry_after_s)
+            if not self._view.is_known(model):
+                raise model_not_found(model)
+            model_label = model
+            router = self._router_for(request)
+        except GatewayError as err:
+            self._metrics.rejected(model_label, err.status)
+            return err.response({"x-request-id": request_id})
+        return await self._forwarder.forward(path, body, parsed, request_id, router)
+
+    def _check_auth(self, request: Request) -> None:
+        keys = self._config.api_keys
+        if not keys:
+            return
+        header = request.headers.get("authorization", "")
+        token = header[7:] if header[:7].lower() == "bearer " else ""
+        if not any(token == key.get_secret_value() for key in keys):
+            raise GatewayError(
+                401, "Missing or invalid API key.", type="invalid_request_error", code="invalid_api_key"
+            )
+
+    async def _read_body(self, request: Request) -> bytes:
+        limit = self._config.max_body_bytes
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > limit:
+            raise _too_large(limit)
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                raise _too_large(limit)
+        return bytes(body)
+
+    def _router_for(self, request: Request) -> Router:
+        name = request.headers.get(self._config.router_header)
+        if name is None:
+            return self._routers[self._config.router]
+        router = self._routers.get(name)
+        if router is None:
+            raise bad_request(
+                f"unknown router {name!r} in {self._config.router_header}; choose one of: {', '.join(ROUTER_NAMES)}"
+            )
+        return router
+
+    # -- operations ---------------------------------------------------------------------
+
+    @app.get("/healthz")
+    async def healthz(self) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/readyz")
+    async def readyz(self) -> Response:
+        snapshot = self._view.snapshot
+        if snapshot is None:
+            return JSONResponse({"ready": False, "reason": "no replica view yet"}, status_code=503)
+        return JSONResponse(
+            {
+                "ready": True,
+                "view_version": snapshot.version,
+                "stale": snapshot.discovery.stale_since is not None,
+                "stale_since": snapshot.discovery.stale_since,
+                "discovery": snapshot.discovery.message,
+            }
+        )
+
+    @app.get("/admin/replicas")
+    async def replicas(self) -> Response:
+        snapshot = self._view.snapshot
+        if snapshot is None:
+            return JSONResponse({"replicas": [], "reason": "no replica view yet"}, status_code=503)
+        return JSONResponse(
+            {
+                "ingress_replica": self._id,
+                "epoch": snapshot.epoch,
+                "version": snapshot.version,
+                "received_at": self._view.received_at,
+                "discovery": {
+                    "synced": snapshot.discovery.synced,
+                    "stale": snapshot.discovery.stale_since is not None,
+                    "stale_since": snapshot.discovery.stale_since,
+                    "message": snapshot.discovery.message,
+                },
+                "replicas": [
+                    {**view.as_dict(), "in_flight_here": self._inflight.count(view.replica_id)}
+                    for view in snapshot.replicas
+                ],
+            }
+        )
+
+    @app.get("/metrics")
+    async def metrics(self) -> Response:
+        try:
+            await self._health.push_metrics.remote(self._id, self._metrics.export())
+            text = await asyncio.wait_for(self._health.metrics_text.remote(), timeout=5.0)
+        except Exception as exc:  # noqa: BLE001
+            return GatewayError(
+                503, f"metrics aggregator unavailable ({type(exc).__name__})",
+                type="service_unavailable_error", code="metrics_unavailable", retry_after_s=1,
+            ).response()
+        return Response(text, media_type=CONTENT_TYPE_LATEST)
+
+    async def __del__(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await self._session.close()
+
+
+def _too_large(limit: int) -> GatewayError:
+    return GatewayError(
+        413, f"request body is larger than {limit} bytes", type="invalid_request_error", code="request_too_large"
+    )
+
+
+def _replica_id() -> str:
+    try:
+        return serve.get_replica_context().replica_id.unique_id
+    except Exception:  # noqa: BLE001 - outside Serve (unit tests)
+        return uuid.uuid4().hex[:8]

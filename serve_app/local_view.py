@@ -1,0 +1,79 @@
+"""An ingress replica's own copy of the replica table, indexed for the request path.
+
+Each published snapshot is indexed once (READY candidates per model, sorted), so a
+request costs a dict lookup. Failures this ingress sees itself take a replica out of
+its own choices at once, before the actor's ejection comes back in the next snapshot.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from routers import Candidate
+
+from .replicas import ReplicaState, Snapshot
+
+
+class LocalView:
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.snapshot: Snapshot | None = None
+        self.received_at: float | None = None  # wall clock, for the replica table
+        self._ready: dict[str, tuple[Candidate, ...]] = {}
+        self._coming: frozenset[str] = frozenset()  # models with a PENDING replica
+        self._known: frozenset[str] = frozenset()
+        self._ejected_until: dict[str, float] = {}
+        self._clock = clock
+
+    def apply(self, snapshot: Snapshot) -> None:
+        ready: dict[str, list[Candidate]] = {}
+        coming: set[str] = set()
+        for view in snapshot.replicas:  # already sorted by replica_id
+            if view.state is ReplicaState.READY:
+                candidate = Candidate(
+                    replica_id=view.replica_id,
+                    url=view.url,
+                    running=view.running,
+                    waiting=view.waiting,
+                    kv_cache_usage=view.kv_cache_usage,
+                )
+                for model in view.models:
+                    ready.setdefault(model, []).append(candidate)
+            elif view.state is ReplicaState.PENDING:
+                coming.update(view.models)
+        self._ready = {model: tuple(cands) for model, cands in ready.items()}
+        self._coming = frozenset(coming)
+        self._known = frozenset(snapshot.known_models)
+        live = {view.replica_id for view in snapshot.replicas}
+        self._ejected_until = {rid: t for rid, t in self._ejected_until.items() if rid in live}
+        self.snapshot = snapshot
+        self.received_at = time.time()
+
+    @property
+    def has_snapshot(self) -> bool:
+        return self.snapshot is not None
+
+    def is_known(self, model: str) -> bool:
+        return model in self._known or model in self._ready
+
+    def has_coming(self, model: str) -> bool:
+        return model in self._coming
+
+    def candidates(self, model: str) -> list[Candidate]:
+        cands = self._ready.get(model, ())
+        if not self._ejected_until:
+            return list(cands)
+        now = self._clock()
+        return [c for c in cands if self._ejected_until.get(c.replica_id, 0.0) <= now]
+
+    def eject_locally(self, replica_id: str, seconds: float) -> None:
+        self._ejected_until[replica_id] = self._clock() + seconds
+
+    def clear_local_ejection(self, replica_id: str) -> None:
+        self._ejected_until.pop(replica_id, None)
+
+    def ready_models(self) -> list[str]:
+        return sorted(model for model, cands in self._ready.items() if cands)
+
+    def replica_ids(self) -> list[str]:
+        return [view.replica_id for view in self.snapshot.replicas] if self.snapshot else []

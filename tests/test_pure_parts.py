@@ -1,0 +1,170 @@
+"""Unit tests for the small pure pieces: config, request parsing, pod rules, load parsing, metrics."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from serve_app.config import ConfigError, GatewayConfig, KubernetesDiscovery, load_config
+from serve_app.discovery.pods import endpoint_from_pod
+from serve_app.errors import GatewayError
+from serve_app.load_metrics import parse_load
+from serve_app.metrics import MetricsAggregator, RequestMetrics, render
+from serve_app.parsing import parse_request
+from serve_app.replicas import ReplicaState
+
+# -- config ------------------------------------------------------------------------------
+
+
+def test_empty_config_is_the_local_demo() -> None:
+    cfg = load_config({})
+    assert cfg.discovery.kind == "static"
+    assert cfg.simulators is not None and cfg.simulators.replicas == 3
+    assert cfg.static_urls() == ["http://127.0.0.1:8101", "http://127.0.0.1:8102", "http://127.0.0.1:8103"]
+
+
+def test_bad_config_names_each_field() -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config({"router": "fastest", "timeouts": {"connect_s": 0}, "typo_field": 1})
+    text = str(info.value)
+    assert "router: Value error, unknown router 'fastest'" in text
+    assert "timeouts.connect_s" in text
+    assert "typo_field" in text
+
+
+def test_simulators_rejected_with_kubernetes() -> None:
+    with pytest.raises(ConfigError, match="simulators: only valid with discovery.kind=static"):
+        load_config({"discovery": {"kind": "kubernetes"}, "simulators": {"replicas": 1}})
+
+
+def test_static_urls_need_a_scheme() -> None:
+    with pytest.raises(ConfigError, match="must start with http"):
+        load_config({"discovery": {"kind": "static", "urls": ["10.0.0.1:8000"]}})
+
+
+# -- parsing -----------------------------------------------------------------------------
+
+
+def _parse(path: str, payload: object, session: str | None = None):
+    body = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+    return parse_request(path, body, session)
+
+
+def test_parse_chat() -> None:
+    parsed = _parse("/v1/chat/completions", {"model": "m", "stream": True, "messages": [{"role": "user", "content": "hi"}], "user": "u1"})
+    assert parsed.stream and parsed.facts.model == "m" and parsed.facts.prefix == "hi"
+    assert parsed.facts.session_key == "u1"
+    assert _parse("/v1/chat/completions", {"model": "m", "messages": [{"role": "user", "content": "x"}]}, "s").facts.session_key == "s"
+
+
+@pytest.mark.parametrize(
+    "path, payload, fragment",
+    [
+        ("/v1/completions", b"{not json", "not valid JSON"),
+        ("/v1/completions", b"", "empty"),
+        ("/v1/completions", [1, 2], "JSON object"),
+        ("/v1/completions", {"prompt": "x"}, "`model` is required"),
+        ("/v1/completions", {"model": 3, "prompt": "x"}, "`model` is required"),
+        ("/v1/completions", {"model": "m", "prompt": "x", "stream": "yes"}, "`stream` must be a boolean"),
+        ("/v1/completions", {"model": "m"}, "`prompt` is required"),
+        ("/v1/chat/completions", {"model": "m", "messages": []}, "`messages`"),
+        ("/v1/chat/completions", {"model": "m", "messages": ["hi"]}, "`messages`"),
+        ("/v1/embeddings", {"model": "m"}, "`input` is required"),
+    ],
+)
+def test_parse_rejects_malformed_with_400(path: str, payload: object, fragment: str) -> None:
+    with pytest.raises(GatewayError) as info:
+        _parse(path, payload)
+    assert info.value.status == 400
+    assert fragment in info.value.message
+    body = json.loads(info.value.body())
+    assert set(body["error"]) == {"message", "type", "param", "code"}
+
+
+# -- pod rules ---------------------------------------------------------------------------
+
+
+def _pod(*, ip: str | None = "10.1.2.3", phase: str = "Running", ready: bool = True, deleting: bool = False, labels: dict | None = None) -> dict:
+    meta = {"name": "p1", "namespace": "ns", "labels": labels if labels is not None else {"llm-gateway/model": "llama"}}
+    if deleting:
+        meta["deletionTimestamp"] = "2026-01-01T00:00:00Z"
+    status = {"phase": phase, "conditions": [{"type": "Ready", "status": "True" if ready else "False"}]}
+    if ip:
+        status["podIP"] = ip
+    return {"metadata": meta, "status": status}
+
+
+K8S = KubernetesDiscovery()
+
+
+def test_ready_pod() -> None:
+    endpoint = endpoint_from_pod(_pod(), K8S)
+    assert endpoint is not None
+    assert (endpoint.replica_id, endpoint.url, endpoint.models, endpoint.state) == ("ns/p1", "http://10.1.2.3:8000", ("llama",), ReplicaState.READY)
+
+
+@pytest.mark.parametrize(
+    "pod, state",
+    [
+        (_pod(deleting=True), ReplicaState.DRAINING),
+        (_pod(deleting=True, ready=False, ip=None), ReplicaState.DRAINING),
+        (_pod(ip=None), ReplicaState.PENDING),
+        (_pod(ready=False), ReplicaState.PENDING),
+        (_pod(phase="Pending"), ReplicaState.PENDING),
+    ],
+)
+def test_pod_states(pod: dict, state: ReplicaState) -> None:
+    endpoint = endpoint_from_pod(pod, K8S)
+    assert endpoint is not None and endpoint.state is state
+
+
+@pytest.mark.parametrize("phase", ["Succeeded", "Failed"])
+def test_finished_pods_are_gone(phase: str) -> None:
+    assert endpoint_from_pod(_pod(phase=phase), K8S) is None
+
+
+def test_port_label_and_ipv6() -> None:
+    endpoint = endpoint_from_pod(_pod(ip="fd00::5", labels={"llm-gateway/port": "9000"}), K8S)
+    assert endpoint is not None and endpoint.url == "http://[fd00::5]:9000" and endpoint.models == ()
+
+
+# -- load metrics ------------------------------------------------------------------------
+
+
+def test_parse_load_current_and_legacy_names() -> None:
+    text = (
+        '# HELP vllm:num_requests_running x\n'
+        'vllm:num_requests_running{engine="0",model_name="m"} 3.0\n'
+        'vllm:num_requests_waiting{engine="0",model_name="m"} 2.0\n'
+        'vllm:kv_cache_usage_perc{engine="0",model_name="m"} 0.25\n'
+        'vllm:num_requests_running{engine="1",model_name="m"} 1.0\n'
+    )
+    load = parse_load(text)
+    assert (load.running, load.waiting, load.kv_cache_usage) == (4, 2, 0.25)
+    assert parse_load('vllm:gpu_cache_usage_perc{model_name="a b"} 0.5\n').kv_cache_usage == 0.5
+    assert parse_load("garbage\nvllm:num_requests_running{x} notanumber\n").running == 0
+
+
+# -- metrics aggregation -----------------------------------------------------------------
+
+
+def test_metrics_sum_across_ingress_replicas_and_drop_stale_gauges() -> None:
+    now = [0.0]
+    agg = MetricsAggregator(gauge_ttl_s=5.0, clock=lambda: now[0])
+    a, b = RequestMetrics(), RequestMetrics()
+    for m in (a, b):
+        m.started("m")
+        m.finished("m", 200, "r1", 0.1)
+    a.started("m")  # one still in flight on a
+    agg.push("a", a.export())
+    agg.push("b", b.export())
+    text = render(agg.merged()).decode()
+    assert 'gateway_requests_total{model="m",replica="r1",status="200"} 2.0' in text
+    assert 'gateway_requests_in_flight{model="m"} 1.0' in text
+    assert 'gateway_request_duration_seconds_count{model="m"} 2.0' in text
+    now[0] = 10.0  # a and b stop pushing: counters stay, gauges go
+    agg.push("b", b.export())
+    text = render(agg.merged()).decode()
+    assert 'gateway_requests_total{model="m",replica="r1",status="200"} 2.0' in text
+    assert 'gateway_requests_in_flight{model="m"} 0.0' in text
