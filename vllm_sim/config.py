@@ -1,0 +1,45 @@
+"""Settings of one simulator process, shared by the CLI, the engine and the routes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+ShutdownMode = Literal["abort", "drain"]
+
+# The line printed once the port accepts connections (testing.py waits for it).
+READY_PREFIX = "vllm_sim listening on http://"
+LOADING_PREFIX = "vllm_sim loading"
+
+# vLLM's KV-cache block size; the prefix cache works in whole blocks.
+BLOCK_SIZE = 16
+
+
+@dataclass(frozen=True, slots=True)
+class SimConfig:
+    """Everything fixed at start-up (runtime-changeable knobs live in `faults.Faults`)."""
+
+    models: tuple[str, ...] = ("sim-model",)
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_model_len: int = 4096
+    ttft: float = 0.05
+    itl: float = 0.01
+    max_tokens_default: int = 16
+    max_num_seqs: int = 8
+    prefill_per_token: float = 0.0
+    prefix_cache_blocks: int = 1024
+    startup_delay: float = 0.0
+    shutdown_mode: ShutdownMode = "abort"
+    drain_timeout: float = 30.0
+    legacy_metrics: bool = False
+    seed: int = 0
+    embedding_dim: int = 16
+    # uvicorn (which vLLM runs on) closes idle keep-alive connections after 5 s.
+    keepalive_timeout: float = 5.0
+    record_capacity: int = 256
+
+    @property
+    def served_model(self) -> str:
+        """vLLM labels its metrics with the first served model name."""
+        return self.models[0]
