@@ -171,8 +171,8 @@ class Forwarder:
 
         self._consecutive_5xx.pop(candidate.replica_id, None)
         model = parsed.facts.model
+        # x-request-id goes back to the client through Serve's own request-id middleware.
         out_headers = {
-            "x-request-id": request_id,
             REPLICA_HEADER: candidate.replica_id,
             ATTEMPTS_HEADER: str(attempt),
         }

@@ -5,11 +5,9 @@ the replica table, refreshed by a background long-poll, and keeps serving on its
 copy while the actor is away.
 """
 
-from __future__ import annotations
 
 import asyncio
 import logging
-import time
 import uuid
 from typing import Any
 
@@ -70,6 +68,19 @@ async def _bug(request: Request, exc: Exception) -> Response:
         status_code=500,
         media_type="application/json",
     )
+
+
+def _too_large(limit: int) -> GatewayError:
+    return GatewayError(
+        413, f"request body is larger than {limit} bytes", type="invalid_request_error", code="request_too_large"
+    )
+
+
+def _replica_id() -> str:
+    try:
+        return serve.get_replica_context().replica_id.unique_id
+    except Exception:  # noqa: BLE001 - outside Serve (unit tests)
+        return uuid.uuid4().hex[:8]
 
 
 @serve.deployment(
@@ -188,6 +199,8 @@ class Gateway:
         return JSONResponse({"object": "list", "data": data})
 
     async def _proxy(self, request: Request, path: str) -> Response:
+        # Serve's middleware has put the client's x-request-id (or a fresh one) here and
+        # echoes it on the response; pass the same id upstream so logs line up.
         request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
         model_label = UNKNOWN_MODEL
         try:
@@ -203,7 +216,7 @@ class Gateway:
             router = self._router_for(request)
         except GatewayError as err:
             self._metrics.rejected(model_label, err.status)
-            return err.response({"x-request-id": request_id})
+            return err.response()
         return await self._forwarder.forward(path, body, parsed, request_id, router)
 
     def _check_auth(self, request: Request) -> None:
@@ -302,15 +315,3 @@ class Gateway:
             task.cancel()
         await self._session.close()
 
-
-def _too_large(limit: int) -> GatewayError:
-    return GatewayError(
-        413, f"request body is larger than {limit} bytes", type="invalid_request_error", code="request_too_large"
-    )
-
-
-def _replica_id() -> str:
-    try:
-        return serve.get_replica_context().replica_id.unique_id
-    except Exception:  # noqa: BLE001 - outside Serve (unit tests)
-        return uuid.uuid4().hex[:8]

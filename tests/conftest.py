@@ -1,0 +1,95 @@
+"""Shared fixtures: a real local Ray + Serve, simulated vLLM replicas as real processes."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.support import wait_until
+from vllm_sim.testing import SimulatorProcess, free_port
+
+pytest_plugins = ["controlplane.pytest_plugin"]
+
+
+@pytest.fixture(scope="session")
+def serve_http() -> Iterator[str]:
+    """One local Ray and Serve for the whole session; yields the HTTP base URL."""
+    import ray
+    from ray import serve
+
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    ray.init(num_cpus=4, include_dashboard=False, namespace="gateway-tests", log_to_driver=False)
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+@pytest.fixture
+def simulators() -> Iterator[Callable[..., list[SimulatorProcess]]]:
+    """Start simulated vLLM replicas; every one is stopped by PID at teardown."""
+    started: list[SimulatorProcess] = []
+
+    def start(count: int = 1, *args: str, wait: bool = True, model: str = "sim-model") -> list[SimulatorProcess]:
+        procs = []
+        for _ in range(count):
+            proc = SimulatorProcess(["--model", model, "--ttft", "0.01", "--itl", "0.002", *args])
+            proc.start()
+            started.append(proc)
+            procs.append(proc)
+        if wait:
+            for proc in procs:
+                proc.wait_ready(timeout=30)
+        return procs
+
+    yield start
+    for proc in started:
+        proc.stop()
+
+
+@dataclass
+class GatewayUnderTest:
+    url: str
+
+    def table(self) -> dict:
+        return httpx.get(self.url + "/admin/replicas", timeout=5).json()
+
+    def states(self) -> dict[str, str]:
+        return {row["replica_id"]: row["state"] for row in self.table()["replicas"]}
+
+    def wait_states(self, expected: dict[str, str], timeout: float = 20) -> None:
+        wait_until(lambda: all(self.states().get(k) == v for k, v in expected.items()), timeout, f"replica states {expected}")
+
+
+FAST_HEALTH = {"probe_interval_s": 0.5, "probe_timeout_s": 1.0, "metrics_interval_s": 0.5, "ejection_base_s": 0.5}
+
+
+@pytest.fixture
+def gateway(serve_http: str) -> Iterator[Callable[..., GatewayUnderTest]]:
+    """Deploy the gateway app over given replica URLs; deleted at teardown."""
+    from ray import serve
+
+    from serve_app.config import GatewayConfig
+    from serve_app.health import ReplicaHealth
+    from serve_app.ingress import Gateway
+
+    def deploy(urls: list[str], ingress_replicas: int = 1, **overrides: Any) -> GatewayUnderTest:
+        config = GatewayConfig.model_validate(
+            {"discovery": {"kind": "static", "urls": urls}, "health": FAST_HEALTH, **overrides}
+        )
+        app = Gateway.options(num_replicas=ingress_replicas, ray_actor_options={"num_cpus": 0}).bind(
+            config, ReplicaHealth.bind(config)
+        )
+        serve.run(app, name="gateway", route_prefix="/")
+        return GatewayUnderTest(serve_http)
+
+    yield deploy
+    serve.delete("gateway")
