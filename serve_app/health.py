@@ -57,6 +57,7 @@ class ReplicaHealth:
         self._warm = asyncio.Event()  # set once the first full view is built
         self._table.add_listener(self._on_change)
         self._metrics = MetricsAggregator()
+        self._fatal: BaseException | None = None
         self._session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=PROBE_CONCURRENCY, keepalive_timeout=4.0)
         )
@@ -71,11 +72,9 @@ class ReplicaHealth:
 
     def _task_died(self, task: asyncio.Task) -> None:
         if not task.cancelled() and task.exception() is not None:
-            # A dead loop means a frozen view: crash so Serve restarts the actor.
+            # A dead loop means a frozen view: fail the health check so Serve restarts us.
             log.error("health loop %s died: %r", task.get_name(), task.exception())
             self._fatal = task.exception()
-
-    _fatal: BaseException | None = None
 
     def check_health(self) -> None:
         if self._fatal is not None:

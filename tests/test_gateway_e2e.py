@@ -13,6 +13,7 @@ import httpx
 import openai
 import pytest
 
+from tests.conftest import FAST_HEALTH
 from tests.support import wait_until
 
 pytestmark = pytest.mark.timeout(180)
@@ -236,3 +237,36 @@ def test_serving_continues_while_health_actor_is_killed(simulators, gateway) -> 
     wait_until(lambda: gw.table()["epoch"] != epoch, 60, "a new health actor to publish")
     assert gw.states() == {s.url: "READY" for s in sims}
     assert sum(served_by(gw, 10).values()) == 10
+
+
+def test_replica_dying_mid_stream_ends_with_error_event(simulators, gateway) -> None:
+    (sim,) = simulators(1, "--die-mid-stream-after", "3")
+    gw = gateway([sim.url])
+    gw.wait_states({sim.url: "READY"})
+    payload = {"model": MODEL, "messages": CHAT, "max_tokens": 20, "stream": True}
+    with httpx.stream("POST", gw.url + "/v1/chat/completions", json=payload, timeout=30) as resp:
+        assert resp.status_code == 200
+        body = b"".join(resp.iter_raw())
+    events = [line[6:] for line in body.decode().split("\n\n") if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    error = json.loads(events[-2])["error"]
+    assert error["code"] == "upstream_reset" and error["message"]
+    assert sum('"delta"' in e for e in events[:-2]) >= 1  # the tokens sent before the failure arrived
+    with pytest.raises(openai.APIError):  # the SDK surfaces the error event as an exception
+        for _ in client(gw).chat.completions.create(model=MODEL, messages=CHAT, max_tokens=20, stream=True):
+            pass
+
+
+def test_hanging_replica_is_ejected_and_request_served_elsewhere(simulators, gateway) -> None:
+    hung, healthy = simulators(2)
+    gw = gateway(
+        [hung.url, healthy.url],
+        router="round_robin",
+        timeouts={"first_byte_s": 1.0},
+        health={**FAST_HEALTH, "ejection_base_s": 60},  # stays out for the whole test
+    )
+    gw.wait_states({hung.url: "READY", healthy.url: "READY"})
+    hung.set_faults(hang=True)  # accepts, never answers /v1/*; its /health stays green
+    seen = served_by(gw, 6)
+    assert set(seen) == {healthy.url}
+    assert gw.states()[hung.url] == "EJECTED"

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from serve_app.config import ConfigError, GatewayConfig, KubernetesDiscovery, load_config
+from serve_app.config import ConfigError, KubernetesDiscovery, load_config
 from serve_app.discovery.pods import endpoint_from_pod
 from serve_app.errors import GatewayError
 from serve_app.load_metrics import parse_load
