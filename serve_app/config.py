@@ -89,6 +89,14 @@ class Retries(_Strict):
     budget_s: float = Field(default=30.0, gt=0, description="Retries stop once this much time has passed.")
 
 
+class Hold(_Strict):
+    """Hold-and-wait: a request for a model with no READY replica but one starting waits for it."""
+
+    timeout_s: float = Field(default=30.0, ge=0, description="Longest hold; 0 turns holding off.")
+    max_waiting: int = Field(default=1024, ge=0, description="Held requests per ingress replica; past it, 503 at once.")
+    retry_after_starting_s: int = Field(default=1, ge=1, description="Retry-After when replicas are starting.")
+
+
 class Health(_Strict):
     probe_interval_s: float = Field(default=2.0, gt=0)
     probe_timeout_s: float = Field(default=2.0, gt=0)
@@ -112,6 +120,7 @@ class GatewayConfig(_Strict):
     retry_after_s: int = Field(default=2, ge=1)
     timeouts: Timeouts = Field(default_factory=Timeouts)
     retries: Retries = Field(default_factory=Retries)
+    hold: Hold = Field(default_factory=Hold)
     health: Health = Field(default_factory=Health)
 
     @field_validator("router")

@@ -71,6 +71,7 @@ class Forwarder:
         self._report_failure = report_failure
         self._metrics = metrics
         self._consecutive_5xx: dict[str, int] = {}
+        self._held = 0  # requests waiting for a replica to start
 
     async def forward(
         self, path: str, body: bytes, parsed: ParsedRequest, request_id: str, router: Router
@@ -92,10 +93,9 @@ class Forwarder:
         self, path: str, body: bytes, parsed: ParsedRequest, request_id: str, router: Router, started: float
     ) -> Response:
         model = parsed.facts.model
-        candidates = self._view.candidates(model)
-        if not candidates:
-            detail = "replicas are starting" if self._view.has_coming(model) else "no replica is ready"
-            return no_ready_replica(model, detail, self._config.retry_after_s).response()
+        candidates = self._view.candidates(model) or await self._hold(model, started)
+        if isinstance(candidates, GatewayError):
+            return candidates.response()
         ordered = router.choose(parsed.facts, candidates)
         retries = self._config.retries
         last: _AttemptError | None = None
@@ -120,6 +120,31 @@ class Forwarder:
             return response
         assert last is not None
         return self._give_up(model, last, tried)
+
+    async def _hold(self, model: str, started: float) -> list[Candidate] | GatewayError:
+        """No READY replica: wait for a starting one (no polling: each snapshot wakes us)."""
+        hold = self._config.hold
+        deadline = started + hold.timeout_s
+        while True:
+            if not self._view.has_coming(model):
+                return no_ready_replica(model, "no replica is ready and none is starting", self._config.retry_after_s)
+            if self._held >= hold.max_waiting:
+                return no_ready_replica(
+                    model, "too many requests are already waiting for replicas to start", hold.retry_after_starting_s
+                )
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return no_ready_replica(
+                    model, f"replicas are still starting after {hold.timeout_s:g}s", hold.retry_after_starting_s
+                )
+            self._held += 1
+            try:
+                await self._view.wait_for_change(remaining)
+            finally:
+                self._held -= 1
+            candidates = self._view.candidates(model)
+            if candidates:
+                return candidates
 
     async def _attempt(
         self,

@@ -102,6 +102,7 @@ class Gateway:
         self._health = health
         self._simulators = simulators  # bound only so the demo's replicas are deployed with the app
         self._id = _replica_id()
+        self._fatal: BaseException | None = None
         timeouts = self._config.timeouts
         self._session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=4.0, enable_cleanup_closed=True),
@@ -109,7 +110,6 @@ class Gateway:
             auto_decompress=False,
         )
         self._view = LocalView()
-        self._view_updated = asyncio.Event()
         self._inflight = InflightTracker()
         self._routers: dict[str, Router] = {name: build_router(name, self._inflight) for name in ROUTER_NAMES}
         self._metrics = RequestMetrics()
@@ -121,12 +121,23 @@ class Gateway:
             asyncio.create_task(self._poll_snapshots(), name="snapshot-poll"),
             asyncio.create_task(self._push_metrics(), name="metrics-push"),
         ]
-        try:
-            await asyncio.wait_for(self._view_updated.wait(), FIRST_SNAPSHOT_WAIT_S)
-        except TimeoutError:
+        for task in self._tasks:
+            task.add_done_callback(self._task_died)
+        if not await self._view.wait_for_change(FIRST_SNAPSHOT_WAIT_S):
             log.warning("no replica view after %.0fs; answering 503 until one arrives", FIRST_SNAPSHOT_WAIT_S)
 
     # -- background -------------------------------------------------------------------
+
+    def _task_died(self, task: asyncio.Task) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            # Without its poll loop this replica would route on a frozen view: fail the
+            # health check so Serve replaces it.
+            log.error("background task %s died: %r", task.get_name(), task.exception())
+            self._fatal = task.exception()
+
+    def check_health(self) -> None:
+        if self._fatal is not None:
+            raise RuntimeError(f"gateway background task died: {self._fatal!r}")
 
     async def _poll_snapshots(self) -> None:
         epoch: str | None = None
@@ -148,8 +159,6 @@ class Gateway:
             self._view.apply(snapshot)
             self._inflight.forget(self._view.replica_ids())
             epoch, version = snapshot.epoch, snapshot.version
-            self._view_updated.set()
-            self._view_updated = asyncio.Event()
 
     async def _push_metrics(self) -> None:
         while True:

@@ -7,6 +7,7 @@ its own choices at once, before the actor's ejection comes back in the next snap
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 
@@ -24,6 +25,15 @@ class LocalView:
         self._known: frozenset[str] = frozenset()
         self._ejected_until: dict[str, float] = {}
         self._clock = clock
+        self._changed = asyncio.Event()
+
+    async def wait_for_change(self, timeout_s: float) -> bool:
+        """Wait (without polling) until the next snapshot arrives; False on timeout."""
+        try:
+            await asyncio.wait_for(self._changed.wait(), timeout=max(timeout_s, 0.0))
+            return True
+        except TimeoutError:
+            return False
 
     def apply(self, snapshot: Snapshot) -> None:
         ready: dict[str, list[Candidate]] = {}
@@ -48,6 +58,8 @@ class LocalView:
         self._ejected_until = {rid: t for rid, t in self._ejected_until.items() if rid in live}
         self.snapshot = snapshot
         self.received_at = time.time()
+        self._changed.set()  # wake everything waiting for this snapshot
+        self._changed = asyncio.Event()
 
     @property
     def has_snapshot(self) -> bool:

@@ -81,9 +81,11 @@ def gateway(serve_http: str) -> Iterator[Callable[..., GatewayUnderTest]]:
     from serve_app.health import ReplicaHealth
     from serve_app.ingress import Gateway
 
-    def deploy(urls: list[str], ingress_replicas: int = 1, **overrides: Any) -> GatewayUnderTest:
+    def deploy(
+        urls: list[str], ingress_replicas: int = 1, models: dict[str, list[str]] | None = None, **overrides: Any
+    ) -> GatewayUnderTest:
         config = GatewayConfig.model_validate(
-            {"discovery": {"kind": "static", "urls": urls}, "health": FAST_HEALTH, **overrides}
+            {"discovery": {"kind": "static", "urls": urls, "models": models or {}}, "health": FAST_HEALTH, **overrides}
         )
         app = Gateway.options(num_replicas=ingress_replicas, ray_actor_options={"num_cpus": 0}).bind(
             config, ReplicaHealth.bind(config)

@@ -111,7 +111,7 @@ def accepting(sim) -> bool:
 
 def test_starting_replica_gets_no_requests_until_it_answers(simulators, gateway) -> None:
     (ready,) = simulators(1)
-    (starting,) = simulators(1, "--startup-delay", "4", wait=False)
+    (starting,) = simulators(1, "--startup-delay", "10", wait=False)
     gw = gateway([ready.url, starting.url])
     assert gw.states()[starting.url] == "PENDING"
     seen = collections.Counter()

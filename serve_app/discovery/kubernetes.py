@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -34,6 +35,22 @@ MAX_BACKOFF_S = 10.0
 
 class _WatchExpired(Exception):
     """410 Gone: our resourceVersion is too old; only a fresh list can recover."""
+
+
+def _interrupt(response: Any) -> None:
+    """Wake a thread blocked reading `response`, from another thread, without blocking.
+
+    Not `response.close()`: the reader holds the buffered file's lock while it waits, so
+    close() would wait for the next event or the end of the watch (minutes), freezing
+    the event loop that called it. Shutting the socket down ends the read at once; the
+    watch thread then closes the response itself.
+    """
+    sock = getattr(getattr(response, "connection", None), "sock", None)
+    if sock is not None:
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
 
 
 class KubernetesSource:
@@ -57,7 +74,7 @@ class KubernetesSource:
             self._stop.set()
             response = self._response
             if response is not None:
-                response.close()  # unblocks the watch read
+                response.close()
 
     # -- the blocking side ---------------------------------------------------------
 
@@ -156,6 +173,8 @@ class KubernetesSource:
         )
         self._response = response
         try:
+            if self._stop.is_set():  # run() was cancelled before it could see this response
+                return resource_version
             for line in iter_resp_lines(response):
                 if self._stop.is_set():
                     break

@@ -1,0 +1,66 @@
+"""Hold-and-wait: a request for a model whose replicas are all starting waits for one."""
+
+from __future__ import annotations
+
+import time
+
+import openai
+import pytest
+
+pytestmark = pytest.mark.timeout(180)
+
+MODEL = "sim-model"
+CHAT = [{"role": "user", "content": "hold me"}]
+
+
+def sdk(gw) -> openai.OpenAI:
+    return openai.OpenAI(base_url=gw.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def test_request_waits_for_a_starting_replica(simulators, gateway) -> None:
+    (starting,) = simulators(1, "--startup-delay", "10", wait=False)
+    gw = gateway([starting.url], models={starting.url: [MODEL]}, hold={"timeout_s": 30})
+    assert gw.states()[starting.url] == "PENDING"
+    began = time.monotonic()
+    raw = sdk(gw).chat.completions.with_raw_response.create(model=MODEL, messages=CHAT, max_tokens=4)
+    waited = time.monotonic() - began
+    assert raw.http_response.status_code == 200
+    assert raw.headers["x-gateway-replica"] == starting.url
+    assert waited < 30  # served once it came up, within the hold timeout
+    assert starting.stats()["completed_total"] == 1
+
+
+def test_hold_times_out_with_503_and_short_retry_after(simulators, gateway) -> None:
+    (starting,) = simulators(1, "--startup-delay", "60", wait=False)
+    gw = gateway([starting.url], models={starting.url: [MODEL]}, hold={"timeout_s": 1.5, "retry_after_starting_s": 1})
+    began = time.monotonic()
+    with pytest.raises(openai.APIStatusError) as info:
+        sdk(gw).chat.completions.create(model=MODEL, messages=CHAT, max_tokens=4)
+    waited = time.monotonic() - began
+    assert info.value.status_code == 503
+    assert info.value.response.headers["retry-after"] == "1"
+    assert "still starting" in info.value.message
+    assert 1.4 <= waited < 15
+
+
+def test_full_hold_queue_answers_503_at_once(simulators, gateway) -> None:
+    (starting,) = simulators(1, "--startup-delay", "60", wait=False)
+    gw = gateway([starting.url], models={starting.url: [MODEL]}, hold={"timeout_s": 30, "max_waiting": 0})
+    began = time.monotonic()
+    with pytest.raises(openai.APIStatusError) as info:
+        sdk(gw).chat.completions.create(model=MODEL, messages=CHAT, max_tokens=4)
+    assert info.value.status_code == 503 and "too many requests" in info.value.message
+    assert time.monotonic() - began < 10
+
+
+def test_nothing_coming_means_503_with_configured_retry_after(simulators, gateway) -> None:
+    (sim,) = simulators(1)
+    gw = gateway([sim.url], retry_after_s=7, hold={"timeout_s": 30})
+    gw.wait_states({sim.url: "READY"})
+    sim.kill()
+    statuses = set()
+    for _ in range(5):
+        with pytest.raises(openai.APIStatusError) as info:
+            sdk(gw).chat.completions.create(model=MODEL, messages=CHAT, max_tokens=4)
+        statuses.add((info.value.status_code, info.value.response.headers.get("retry-after")))
+    assert statuses == {(503, "7")}
