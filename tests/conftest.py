@@ -84,9 +84,8 @@ def gateway(serve_http: str) -> Iterator[Callable[..., GatewayUnderTest]]:
     def deploy(
         urls: list[str], ingress_replicas: int = 1, models: dict[str, list[str]] | None = None, **overrides: Any
     ) -> GatewayUnderTest:
-        config = GatewayConfig.model_validate(
-            {"discovery": {"kind": "static", "urls": urls, "models": models or {}}, "health": FAST_HEALTH, **overrides}
-        )
+        discovery = overrides.pop("discovery", {"kind": "static", "urls": urls, "models": models or {}})
+        config = GatewayConfig.model_validate({"discovery": discovery, "health": FAST_HEALTH, **overrides})
         app = Gateway.options(num_replicas=ingress_replicas, ray_actor_options={"num_cpus": 0}).bind(
             config, ReplicaHealth.bind(config)
         )

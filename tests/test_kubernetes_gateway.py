@@ -1,0 +1,171 @@
+"""The whole gateway on Kubernetes discovery, against a real kube-apiserver + etcd.
+
+There is no kubelet: the test plays it (controlplane.kubelet). Pod IPs point at
+simulators listening on their own loopback addresses (127.0.0.x), so a request that
+the gateway routes to a pod really reaches that pod's "vLLM".
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from collections import Counter
+from collections.abc import Callable, Iterator
+
+import httpx
+import openai
+import pytest
+
+from controlplane import kubelet
+from tests.support import wait_until
+from vllm_sim.testing import SimulatorProcess
+
+pytestmark = pytest.mark.timeout(240)
+
+MODEL = "sim-model"
+CHAT = [{"role": "user", "content": "hello pods"}]
+_addresses = itertools.count(2)
+
+
+@pytest.fixture
+def pod_sims() -> Iterator[Callable[..., SimulatorProcess]]:
+    """Simulators on distinct loopback IPs, like pods on distinct pod IPs."""
+    started: list[SimulatorProcess] = []
+
+    def start(*args: str) -> SimulatorProcess:
+        sim = SimulatorProcess(["--model", MODEL, "--ttft", "0.01", "--itl", "0.002", *args], host=f"127.0.0.{next(_addresses)}")
+        sim.start().wait_ready(timeout=30)
+        started.append(sim)
+        return sim
+
+    yield start
+    for sim in started:
+        sim.stop()
+
+
+@pytest.fixture
+def k8s_gateway(gateway, control_plane, k8s_namespace):
+    def deploy(**overrides):
+        discovery = {
+            "kind": "kubernetes",
+            "namespace": k8s_namespace,
+            "label_selector": "app=vllm",
+            "kubeconfig": str(control_plane.admin_kubeconfig_path),
+        }
+        return gateway([], discovery=discovery, **overrides)
+
+    return deploy
+
+
+def make_pod(api, ns: str, name: str, sim: SimulatorProcess, ready: bool = True) -> str:
+    labels = {"app": "vllm", "llm-gateway/model": MODEL, "llm-gateway/port": str(sim.port)}
+    kubelet.create_pod(api, ns, name, labels=labels, ip=sim.host, ready=ready, port=sim.port)
+    return f"{ns}/{name}"
+
+
+def sdk(gw) -> openai.OpenAI:
+    return openai.OpenAI(base_url=gw.url + "/v1", api_key="unused", max_retries=0, timeout=30)
+
+
+def served_by(gw, n: int) -> Counter:
+    seen: Counter = Counter()
+    for _ in range(n):
+        raw = sdk(gw).chat.completions.with_raw_response.create(
+            model=MODEL, messages=CHAT, max_tokens=4, extra_headers={"x-gateway-router": "round_robin"}
+        )
+        assert raw.parse().choices[0].message.content
+        seen[raw.headers["x-gateway-replica"]] += 1
+    return seen
+
+
+def test_ready_pods_are_routable_and_unready_ones_are_not(k8s_gateway, k8s_api_client, k8s_namespace, pod_sims) -> None:
+    ns, api = k8s_namespace, k8s_api_client
+    a, b = pod_sims(), pod_sims()
+    pod_a = make_pod(api, ns, "vllm-a", a)
+    pod_b = make_pod(api, ns, "vllm-b", b, ready=False)
+    gw = k8s_gateway()
+    gw.wait_states({pod_a: "READY", pod_b: "PENDING"})
+    assert set(served_by(gw, 10)) == {pod_a}
+
+    kubelet.set_pod_status(api, ns, "vllm-b", ready=True, pod_ip=b.host)
+    gw.wait_states({pod_b: "READY"})
+    assert set(served_by(gw, 10)) == {pod_a, pod_b}
+
+    kubelet.set_pod_status(api, ns, "vllm-a", ready=False, pod_ip=a.host)  # readiness probe failing
+    gw.wait_states({pod_a: "PENDING"})
+    before = a.stats()["requests_total"]
+    assert set(served_by(gw, 10)) == {pod_b}
+    assert a.stats()["requests_total"] == before
+
+    kubelet.set_pod_status(api, ns, "vllm-a", ready=True, pod_ip=a.host)
+    gw.wait_states({pod_a: "READY"})
+    assert pod_a in served_by(gw, 10)
+
+
+def test_terminating_pod_finishes_its_stream_and_gets_nothing_new(k8s_gateway, k8s_api_client, k8s_namespace, pod_sims) -> None:
+    ns, api = k8s_namespace, k8s_api_client
+    a, b = pod_sims("--itl", "0.03"), pod_sims()
+    pod_a = make_pod(api, ns, "vllm-a", a)
+    pod_b = make_pod(api, ns, "vllm-b", b, ready=False)
+    gw = k8s_gateway(retry_after_s=4)
+    gw.wait_states({pod_a: "READY"})
+
+    received: list[bytes] = []
+    started = threading.Event()
+
+    def long_stream() -> None:
+        payload = {"model": MODEL, "messages": CHAT, "max_tokens": 200, "stream": True, "ignore_eos": True}
+        with httpx.stream("POST", gw.url + "/v1/chat/completions", json=payload, timeout=60) as resp:
+            assert resp.headers["x-gateway-replica"] == pod_a
+            for chunk in resp.iter_raw():
+                received.append(chunk)
+                started.set()
+
+    reader = threading.Thread(target=long_stream)
+    reader.start()
+    assert started.wait(30)
+    kubelet.set_pod_status(api, ns, "vllm-b", ready=True, pod_ip=b.host)
+    gw.wait_states({pod_b: "READY"})
+    kubelet.terminate_pod(api, ns, "vllm-a", grace_seconds=60)  # stays Terminating: no kubelet
+    gw.wait_states({pod_a: "DRAINING"})
+    requests_on_a = a.stats()["requests_total"]
+    assert set(served_by(gw, 15)) == {pod_b}
+    assert a.stats()["requests_total"] == requests_on_a  # not one new request on the terminating pod
+    reader.join(timeout=60)
+    body = b"".join(received)
+    assert body.endswith(b"data: [DONE]\n\n") and b'"error"' not in body
+
+    kubelet.terminate_pod(api, ns, "vllm-b", grace_seconds=60)  # the last READY pod of the model
+    gw.wait_states({pod_b: "DRAINING"})
+    for _ in range(5):
+        with pytest.raises(openai.APIStatusError) as info:
+            sdk(gw).chat.completions.create(model=MODEL, messages=CHAT, max_tokens=4)
+        assert info.value.status_code == 503
+        assert info.value.response.headers["retry-after"] == "4"
+
+
+def test_pod_deleted_during_watch_outage_is_gone_after_reconnect(
+    k8s_gateway, k8s_api_client, k8s_namespace, control_plane, pod_sims
+) -> None:
+    ns, api = k8s_namespace, k8s_api_client
+    a, b = pod_sims(), pod_sims()
+    pod_a = make_pod(api, ns, "vllm-a", a)
+    pod_b = make_pod(api, ns, "vllm-b", b)
+    gw = k8s_gateway()
+    gw.wait_states({pod_a: "READY", pod_b: "READY"})
+
+    control_plane.stop_apiserver()
+    try:
+        stale = wait_until(
+            lambda: (r := httpx.get(gw.url + "/readyz", timeout=5).json())["stale"] and r, 30, "the view to turn stale"
+        )
+        assert stale["ready"] and stale["stale_since"] is not None
+        assert set(served_by(gw, 10)) == {pod_a, pod_b}  # no mass 503 while the API server is away
+    finally:
+        control_plane.start_apiserver()
+    kubelet.force_delete_pod(api, ns, "vllm-a")  # most likely while our watch is still backing off
+    wait_until(lambda: pod_a not in gw.states(), 60, "the deleted pod to leave the table")
+    wait_until(lambda: not httpx.get(gw.url + "/readyz", timeout=5).json()["stale"], 30, "the view to be fresh again")
+    requests_on_a = a.stats()["requests_total"]  # its simulator still runs: traffic would succeed
+    assert set(served_by(gw, 15)) == {pod_b}
+    assert a.stats()["requests_total"] == requests_on_a
