@@ -222,23 +222,6 @@ def test_metrics_are_fleet_wide_with_two_ingress_replicas(simulators, gateway) -
     assert figures['gateway_request_duration_seconds_count{model="sim-model"}'] == 40
 
 
-def test_serving_continues_while_health_actor_is_killed(simulators, gateway) -> None:
-    import ray
-
-    sims = simulators(2)
-    gw = gateway([s.url for s in sims])
-    gw.wait_states({s.url: "READY" for s in sims})
-    epoch = gw.table()["epoch"]
-    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if "ReplicaHealth" in a["name"]]
-    assert len(names) == 1
-    ray.kill(ray.get_actor(names[0], namespace="serve"), no_restart=True)
-    served = served_by(gw, 20)  # all succeed on the ingress replica's last view
-    assert set(served) == {s.url for s in sims}
-    wait_until(lambda: gw.table()["epoch"] != epoch, 60, "a new health actor to publish")
-    assert gw.states() == {s.url: "READY" for s in sims}
-    assert sum(served_by(gw, 10).values()) == 10
-
-
 def test_replica_dying_mid_stream_ends_with_error_event(simulators, gateway) -> None:
     (sim,) = simulators(1, "--die-mid-stream-after", "3")
     gw = gateway([sim.url])
