@@ -141,9 +141,13 @@ class ReplicaHealth:
             snapshot = self._table.snapshot()
             ready = [view for view in snapshot.replicas if view.state is ReplicaState.READY]
             loads = await asyncio.gather(*(self._prober.load(view.url) for view in ready))
-            for view, load in zip(ready, loads):
-                if load is not None:
-                    self._table.set_load(view.replica_id, load.running, load.waiting, load.kv_cache_usage)
+            self._table.set_loads(
+                {
+                    view.replica_id: (load.running, load.waiting, load.kv_cache_usage)
+                    for view, load in zip(ready, loads)
+                    if load is not None
+                }
+            )
 
     # -- what ingress replicas call ------------------------------------------------------
 

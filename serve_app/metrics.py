@@ -134,14 +134,17 @@ def replica_state_metrics(snapshot: Snapshot | None) -> Iterable[Metric]:
     return [metric]
 
 
+class _FixedCollector:
+    """Hands prometheus-client metric families that were built elsewhere."""
+
+    def __init__(self, items: list[Metric]) -> None:
+        self._items = items
+
+    def collect(self) -> list[Metric]:
+        return self._items
+
+
 def render(metrics: Iterable[Metric]) -> bytes:
-    class _Fixed:
-        def __init__(self, items: list[Metric]) -> None:
-            self._items = items
-
-        def collect(self) -> list[Metric]:
-            return self._items
-
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(_Fixed(list(metrics)))
+    registry.register(_FixedCollector(list(metrics)))
     return generate_latest(registry)

@@ -145,12 +145,17 @@ class ReplicaTable:
         self._eject(row, reason, now)
         self._recompute(row)
 
-    def set_load(self, replica_id: str, running: int, waiting: int, kv_cache_usage: float) -> None:
-        row = self._rows.get(replica_id)
-        if row is None or (row.running, row.waiting, row.kv_cache_usage) == (running, waiting, kv_cache_usage):
-            return
-        row.running, row.waiting, row.kv_cache_usage = running, waiting, kv_cache_usage
-        self._changed()
+    def set_loads(self, loads: dict[str, tuple[int, int, float]]) -> None:
+        """Apply one scrape round (replica_id -> running, waiting, KV usage) as a single change."""
+        changed = False
+        for replica_id, load in loads.items():
+            row = self._rows.get(replica_id)
+            if row is None or (row.running, row.waiting, row.kv_cache_usage) == load:
+                continue
+            row.running, row.waiting, row.kv_cache_usage = load
+            changed = True
+        if changed:
+            self._changed()
 
     def _eject(self, row: _Row, reason: str, now: float) -> None:
         row.ejections += 1

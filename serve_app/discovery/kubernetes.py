@@ -74,7 +74,7 @@ class KubernetesSource:
             self._stop.set()
             response = self._response
             if response is not None:
-                response.close()
+                _interrupt(response)  # unblocks the watch read
 
     # -- the blocking side ---------------------------------------------------------
 
@@ -106,10 +106,14 @@ class KubernetesSource:
                         sink.set_discovery_status,
                         DiscoveryStatus(synced=True, message=f"watching {len(endpoints)} pod(s)"),
                     )
-                    failing_since, backoff = None, 0.2
+                    failing_since = None
                     next_resync = time.monotonic() + self._config.resync_period_s
                 watch_for = max(1, min(self._config.watch_timeout_s, int(next_resync - time.monotonic()) + 1))
                 resource_version = self._watch(api, resource_version, watch_for, post, sink)
+                # Reset the backoff only once a watch has run its course: a list that works
+                # followed by a watch that fails at once (RBAC without "watch") must back off,
+                # not re-list every 0.2 s.
+                backoff = 0.2
             except _WatchExpired:
                 log.info("pod watch expired (410 Gone); re-listing")
                 resource_version = None

@@ -30,7 +30,7 @@ def _is_ready(status: dict[str, Any]) -> bool:
 def _port(meta: dict[str, Any], config: KubernetesDiscovery) -> int:
     for source in (meta.get("labels") or {}, meta.get("annotations") or {}):
         value = source.get(config.port_label)
-        if value and str(value).isdigit():
+        if value and str(value).isdigit() and 0 < int(value) <= 65535:
             return int(value)
     return config.port
 
