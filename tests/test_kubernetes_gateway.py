@@ -8,6 +8,7 @@ the gateway routes to a pod really reaches that pod's "vLLM".
 from __future__ import annotations
 
 import itertools
+import signal
 import threading
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -169,3 +170,43 @@ def test_pod_deleted_during_watch_outage_is_gone_after_reconnect(
     requests_on_a = a.stats()["requests_total"]  # its simulator still runs: traffic would succeed
     assert set(served_by(gw, 15)) == {pod_b}
     assert a.stats()["requests_total"] == requests_on_a
+
+
+def test_rolling_update_of_pods_under_load_loses_nothing(
+    k8s_gateway, k8s_api_client, k8s_namespace, pod_sims
+) -> None:
+    """A Deployment rollout as the kubelet and controller would play it, under 16 SDK clients.
+
+    New pod Ready -> old pod Terminating (deletionTimestamp: DRAINING at once) -> its vLLM
+    drains (SIGTERM, finishes in-flight, refuses new) -> exits -> the pod is deleted.
+    """
+    from bench.churn import BackgroundLoad
+
+    ns, api = k8s_namespace, k8s_api_client
+    drain = ("--shutdown-mode", "drain", "--drain-timeout", "20", "--itl", "0.01")
+    live: list[tuple[str, SimulatorProcess]] = []
+    for i in range(3):
+        sim = pod_sims(*drain)
+        live.append((make_pod(api, ns, f"vllm-{i}", sim), sim))
+    gw = k8s_gateway()
+    gw.wait_states({pod: "READY" for pod, _ in live})
+    generation = 3
+    with BackgroundLoad(gw.url, 30.0) as load:
+        while load.running():
+            sim = pod_sims(*drain)
+            new_pod = make_pod(api, ns, f"vllm-{generation}", sim)
+            generation += 1
+            gw.wait_states({new_pod: "READY"})
+            old_pod, old_sim = live.pop(0)
+            name = old_pod.split("/", 1)[1]
+            kubelet.terminate_pod(api, ns, name, grace_seconds=60)
+            gw.wait_states({old_pod: "DRAINING"})
+            old_sim.send_signal(signal.SIGTERM)
+            old_sim.wait(timeout=40)
+            kubelet.force_delete_pod(api, ns, name)
+            live.append((new_pod, sim))
+    report = load.result()
+    assert generation - 3 >= 3, "fewer than three pods were replaced during the load"
+    assert report.started == len(report.outcomes) > 100
+    bad = [o for o in report.outcomes if o.kind != "ok"]
+    assert not bad, report.summary() + "".join(f"\n  {o.kind} {o.replica}: {o.error}" for o in bad[:10])
