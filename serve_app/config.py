@@ -48,7 +48,7 @@ class KubernetesDiscovery(_Strict):
     label_selector: str = "app=vllm"
     model_label: str = Field(
         default="llm-gateway/model",
-        description="Pod label naming the served model; without it the replica's /v1/models is asked.",
+        description="Pod label (or annotation) naming the served model; without it the replica's /v1/models is asked.",
     )
     port: int = Field(default=8000, ge=1, le=65535)
     port_label: str = Field(

@@ -124,6 +124,13 @@ def test_finished_pods_are_gone(phase: str) -> None:
     assert endpoint_from_pod(_pod(phase=phase), K8S) is None
 
 
+def test_model_from_annotation_when_no_label() -> None:
+    pod = _pod(labels={})
+    pod["metadata"]["annotations"] = {"llm-gateway/model": "org/model-7b"}
+    endpoint = endpoint_from_pod(pod, K8S)
+    assert endpoint is not None and endpoint.models == ("org/model-7b",)
+
+
 def test_port_label_and_ipv6() -> None:
     endpoint = endpoint_from_pod(_pod(ip="fd00::5", labels={"llm-gateway/port": "9000"}), K8S)
     assert endpoint is not None and endpoint.url == "http://[fd00::5]:9000" and endpoint.models == ()

@@ -57,7 +57,11 @@ def endpoint_from_pod(pod: dict[str, Any], config: KubernetesDiscovery) -> Endpo
         state, reason = ReplicaState.PENDING, "pod is not Ready"
     else:
         state, reason = ReplicaState.READY, ""
-    model = (meta.get("labels") or {}).get(config.model_label)
+    # Label first; an annotation of the same key also works, for names a label value can't
+    # hold (e.g. "org/model").
+    model = (meta.get("labels") or {}).get(config.model_label) or (meta.get("annotations") or {}).get(
+        config.model_label
+    )
     return Endpoint(
         replica_id=pod_replica_id(pod),
         url=url,
