@@ -19,6 +19,7 @@ from typing import Any
 import aiohttp
 from ray import serve
 
+from .background import BackgroundLoops
 from .config import GatewayConfig, load_config
 from .discovery import build_source
 from .metrics import FamilyData, MetricsAggregator, render, replica_state_metrics
@@ -57,28 +58,17 @@ class ReplicaHealth:
         self._warm = asyncio.Event()  # set once the first full view is built
         self._table.add_listener(self._on_change)
         self._metrics = MetricsAggregator()
-        self._fatal: BaseException | None = None
         self._session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=PROBE_CONCURRENCY, keepalive_timeout=4.0)
         )
         self._prober = Prober(self._session, health.probe_timeout_s)
-        self._tasks = [
-            asyncio.create_task(build_source(self._config).run(self._table), name="discovery"),
-            asyncio.create_task(self._probe_loop(), name="probes"),
-            asyncio.create_task(self._load_loop(), name="load"),
-        ]
-        for task in self._tasks:
-            task.add_done_callback(self._task_died)
-
-    def _task_died(self, task: asyncio.Task) -> None:
-        if not task.cancelled() and task.exception() is not None:
-            # A dead loop means a frozen view: fail the health check so Serve restarts us.
-            log.error("health loop %s died: %r", task.get_name(), task.exception())
-            self._fatal = task.exception()
+        self._loops = BackgroundLoops()
+        self._loops.start("discovery", build_source(self._config).run(self._table))
+        self._loops.start("probes", self._probe_loop())
+        self._loops.start("load", self._load_loop())
 
     def check_health(self) -> None:
-        if self._fatal is not None:
-            raise RuntimeError(f"replica-health loop died: {self._fatal!r}")
+        self._loops.check()
 
     def _on_change(self) -> None:
         self._changed.set()
@@ -185,6 +175,5 @@ class ReplicaHealth:
         return self._table.snapshot()
 
     async def __del__(self) -> None:
-        for task in self._tasks:
-            task.cancel()
+        self._loops.cancel()
         await self._session.close()

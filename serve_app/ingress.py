@@ -22,6 +22,7 @@ from starlette.responses import JSONResponse, Response
 
 from routers import ROUTER_NAMES, InflightTracker, Router, build_router
 
+from .background import BackgroundLoops
 from .config import GatewayConfig, load_config
 from .errors import GatewayError, bad_request, error_body, model_not_found, no_ready_replica
 from .forwarding import Forwarder
@@ -102,7 +103,6 @@ class Gateway:
         self._health = health
         self._simulators = simulators  # bound only so the demo's replicas are deployed with the app
         self._id = _replica_id()
-        self._fatal: BaseException | None = None
         timeouts = self._config.timeouts
         self._session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=4.0, enable_cleanup_closed=True),
@@ -117,27 +117,16 @@ class Gateway:
         self._forwarder = Forwarder(
             self._config, self._view, self._inflight, self._session, self._report_failure, self._metrics
         )
-        self._tasks = [
-            asyncio.create_task(self._poll_snapshots(), name="snapshot-poll"),
-            asyncio.create_task(self._push_metrics(), name="metrics-push"),
-        ]
-        for task in self._tasks:
-            task.add_done_callback(self._task_died)
+        self._loops = BackgroundLoops()
+        self._loops.start("snapshot-poll", self._poll_snapshots())
+        self._loops.start("metrics-push", self._push_metrics())
         if not await self._view.wait_for_change(FIRST_SNAPSHOT_WAIT_S):
             log.warning("no replica view after %.0fs; answering 503 until one arrives", FIRST_SNAPSHOT_WAIT_S)
 
     # -- background -------------------------------------------------------------------
 
-    def _task_died(self, task: asyncio.Task) -> None:
-        if not task.cancelled() and task.exception() is not None:
-            # Without its poll loop this replica would route on a frozen view: fail the
-            # health check so Serve replaces it.
-            log.error("background task %s died: %r", task.get_name(), task.exception())
-            self._fatal = task.exception()
-
     def check_health(self) -> None:
-        if self._fatal is not None:
-            raise RuntimeError(f"gateway background task died: {self._fatal!r}")
+        self._loops.check()
 
     async def _poll_snapshots(self) -> None:
         epoch: str | None = None
@@ -320,7 +309,6 @@ class Gateway:
         return Response(text, media_type=CONTENT_TYPE_LATEST)
 
     async def __del__(self) -> None:
-        for task in self._tasks:
-            task.cancel()
+        self._loops.cancel()
         await self._session.close()
 

@@ -175,3 +175,32 @@ def test_metrics_sum_across_ingress_replicas_and_drop_stale_gauges() -> None:
     text = render(agg.merged()).decode()
     assert 'gateway_requests_total{model="m",replica="r1",status="200"} 2.0' in text
     assert 'gateway_requests_in_flight{model="m"} 0.0' in text
+
+
+# -- background loops --------------------------------------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_a_dead_background_loop_fails_the_health_check() -> None:
+    import asyncio
+
+    from serve_app.background import BackgroundLoops
+
+    loops = BackgroundLoops()
+    crashed = asyncio.Event()
+
+    async def healthy() -> None:
+        await asyncio.Event().wait()
+
+    async def crashing() -> None:
+        crashed.set()
+        raise ValueError("boom")
+
+    loops.start("healthy", healthy())
+    loops.check()
+    loops.start("crashing", crashing())
+    await crashed.wait()
+    await asyncio.sleep(0)  # let the done-callback run
+    with pytest.raises(RuntimeError, match="boom"):
+        loops.check()
+    loops.cancel()
