@@ -79,23 +79,28 @@ class ReplicaHealth:
     # -- the loops --------------------------------------------------------------------
 
     async def _probe_loop(self) -> None:
+        """Full rounds on a fixed schedule; quick rounds in between for replicas that need one now.
+
+        The next full round has a deadline of its own, so a steady stream of quick rounds
+        (pods turning Ready during a rollout, failure reports) cannot starve it.
+        """
         interval = self._config.health.probe_interval_s
         rounds = 0
+        next_full = time.monotonic()
         while True:
-            full_round = not self._probe_now.is_set()
-            if full_round:
+            wait = next_full - time.monotonic()
+            if wait > 0 and not self._probe_now.is_set():
                 try:
-                    await asyncio.wait_for(self._probe_now.wait(), timeout=interval if self._warm.is_set() else 0.05)
-                    full_round = False
+                    await asyncio.wait_for(self._probe_now.wait(), timeout=wait)
                 except TimeoutError:
                     pass
             self._probe_now.clear()
-            rounds += full_round
-            ids = [
-                rid
-                for rid in self._table.replica_ids()
-                if self._probe_wanted(rid, full_round)
-            ]
+            full_round = time.monotonic() >= next_full
+            if full_round:
+                rounds += 1
+                # Until the first view is published, go round quickly: start-up waits on it.
+                next_full = time.monotonic() + (interval if self._warm.is_set() else 0.05)
+            ids = [rid for rid in self._table.replica_ids() if self._probe_wanted(rid, full_round)]
             await self._probe_all(ids, refresh_models=full_round and rounds % MODELS_REFRESH_ROUNDS == 0)
             if full_round and self._table.discovery.synced and not self._warm.is_set():
                 self._warm.set()
