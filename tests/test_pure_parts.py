@@ -204,3 +204,14 @@ async def test_a_dead_background_loop_fails_the_health_check() -> None:
     with pytest.raises(RuntimeError, match="boom"):
         loops.check()
     loops.cancel()
+
+
+def test_kubernetes_failures_are_described_for_operators() -> None:
+    from kubernetes.client.exceptions import ApiException
+
+    from serve_app.discovery.kubernetes import describe_failure
+
+    forbidden = describe_failure(ApiException(status=403, reason="Forbidden"), "vllm")
+    assert "403" in forbidden and "namespace 'vllm'" in forbidden and "list and watch on pods" in forbidden
+    assert "401" in describe_failure(ApiException(status=401), None)
+    assert describe_failure(ConnectionRefusedError("nope"), None).startswith("Kubernetes API unreachable")

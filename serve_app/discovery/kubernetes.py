@@ -53,6 +53,22 @@ def _interrupt(response: Any) -> None:
             pass
 
 
+def describe_failure(exc: BaseException, namespace: str | None) -> str:
+    """Say what went wrong in words an operator can act on (RBAC is the usual suspect)."""
+    status = getattr(exc, "status", None)
+    where = f"namespace {namespace!r}" if namespace else "all namespaces"
+    if status == 403:
+        return (
+            f"Kubernetes API forbids reading pods in {where} (403): the gateway's ServiceAccount "
+            "needs get, list and watch on pods (see kuberay/rbac.yaml)"
+        )
+    if status == 401:
+        return "Kubernetes API rejected the gateway's credentials (401)"
+    if isinstance(status, int):
+        return f"Kubernetes API error {status}: {getattr(exc, 'reason', '')}"[:300]
+    return f"Kubernetes API unreachable: {type(exc).__name__}: {str(exc)[:200]}"
+
+
 class KubernetesSource:
     def __init__(self, config: KubernetesDiscovery, api_client_factory: Callable[[], Any] | None = None) -> None:
         self._config = config
@@ -123,7 +139,7 @@ class KubernetesSource:
                 resource_version = None
                 if failing_since is None:
                     failing_since = time.time()
-                message = f"Kubernetes API unreachable: {type(exc).__name__}: {str(exc)[:200]}"
+                message = describe_failure(exc, self._config.namespace)
                 log.warning("%s; retrying in %.1fs", message, backoff)
                 post(
                     sink.set_discovery_status,
@@ -187,7 +203,9 @@ class KubernetesSource:
                 if kind == "ERROR":
                     if obj.get("code") == 410:
                         raise _WatchExpired()
-                    raise RuntimeError(f"watch error {obj.get('code')}: {obj.get('message')}")
+                    from kubernetes.client.exceptions import ApiException
+
+                    raise ApiException(status=obj.get("code"), reason=obj.get("message"))
                 resource_version = (obj.get("metadata") or {}).get("resourceVersion", resource_version)
                 if kind == "BOOKMARK":
                     continue
