@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import httpx
+import openai
 import pytest
 
 from tests.support import wait_until
@@ -55,9 +57,27 @@ def simulators() -> Iterator[Callable[..., list[SimulatorProcess]]]:
         proc.stop()
 
 
+CHAT = [{"role": "user", "content": "Say something deterministic."}]
+
+
 @dataclass
 class GatewayUnderTest:
     url: str
+
+    def sdk(self, timeout: float = 60) -> openai.OpenAI:
+        """The OpenAI SDK pointed at the gateway, with its own retries off."""
+        return openai.OpenAI(base_url=self.url + "/v1", api_key="unused", max_retries=0, timeout=timeout)
+
+    def served_by(self, n: int, model: str = "sim-model", **kwargs: Any) -> Counter:
+        """Send n chat requests; count which replica served each (every one must succeed)."""
+        seen: Counter = Counter()
+        sdk = self.sdk()
+        for _ in range(n):
+            raw = sdk.chat.completions.with_raw_response.create(model=model, messages=CHAT, max_tokens=4, **kwargs)
+            assert raw.http_response.status_code == 200
+            assert raw.parse().choices[0].message.content
+            seen[raw.headers["x-gateway-replica"]] += 1
+        return seen
 
     def table(self) -> dict:
         return httpx.get(self.url + "/admin/replicas", timeout=5).json()

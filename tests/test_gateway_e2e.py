@@ -22,22 +22,6 @@ MODEL = "sim-model"
 CHAT = [{"role": "user", "content": "Say something deterministic."}]
 
 
-def client(gw) -> openai.OpenAI:
-    return openai.OpenAI(base_url=gw.url + "/v1", api_key="unused", max_retries=0, timeout=30)
-
-
-def served_by(gw, n: int, **kwargs) -> collections.Counter:
-    """Send n chat requests; count which replica served each (every one must succeed)."""
-    seen: collections.Counter = collections.Counter()
-    sdk = client(gw)
-    for _ in range(n):
-        raw = sdk.chat.completions.with_raw_response.create(model=MODEL, messages=CHAT, max_tokens=4, **kwargs)
-        assert raw.http_response.status_code == 200
-        assert raw.parse().choices[0].message.content
-        seen[raw.headers["x-gateway-replica"]] += 1
-    return seen
-
-
 def test_openai_sdk_sync_async_stream_and_not(simulators, gateway) -> None:
     sims = simulators(2)
     gw = gateway([s.url for s in sims])
@@ -45,7 +29,7 @@ def test_openai_sdk_sync_async_stream_and_not(simulators, gateway) -> None:
     direct = openai.OpenAI(base_url=sims[0].url + "/v1", api_key="x", max_retries=0)
     expected = direct.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=8).choices[0].message.content
     expected_text = direct.completions.create(model=MODEL, prompt="abc", max_tokens=5).choices[0].text
-    sdk = client(gw)
+    sdk = gw.sdk()
 
     assert [m.id for m in sdk.models.list().data] == [MODEL]
     chat = sdk.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=8)
@@ -77,17 +61,17 @@ def test_kill_replicas_one_by_one_then_all_then_recover(simulators, gateway) -> 
     sims = simulators(3)
     gw = gateway([s.url for s in sims], router="round_robin")
     gw.wait_states({s.url: "READY" for s in sims})
-    assert set(served_by(gw, 30)) == {s.url for s in sims}  # spread across all three
+    assert set(gw.served_by(30)) == {s.url for s in sims}  # spread across all three
 
     sims[0].kill()  # SIGKILL: no goodbye
-    seen = served_by(gw, 30)
+    seen = gw.served_by(30)
     assert sims[0].url not in seen and set(seen) == {sims[1].url, sims[2].url}
 
     sims[1].kill()
-    assert set(served_by(gw, 20)) == {sims[2].url}
+    assert set(gw.served_by(20)) == {sims[2].url}
 
     sims[2].kill()
-    sdk = client(gw)
+    sdk = gw.sdk()
     for _ in range(10):
         with pytest.raises(openai.APIStatusError) as info:
             sdk.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=4)
@@ -98,7 +82,7 @@ def test_kill_replicas_one_by_one_then_all_then_recover(simulators, gateway) -> 
     sims[1].restart()  # same port, no gateway restart
     sims[1].wait_ready(timeout=30)
     wait_until(lambda: gw.states()[sims[1].url] == "READY", 20, "the restarted replica to be READY")
-    assert set(served_by(gw, 10)) == {sims[1].url}
+    assert set(gw.served_by(10)) == {sims[1].url}
 
 
 def accepting(sim) -> bool:
@@ -116,17 +100,17 @@ def test_starting_replica_gets_no_requests_until_it_answers(simulators, gateway)
     assert gw.states()[starting.url] == "PENDING"
     seen = collections.Counter()
     while not accepting(starting):
-        seen += served_by(gw, 5)
+        seen += gw.served_by(5)
     assert set(seen) == {ready.url}
     wait_until(lambda: gw.states()[starting.url] == "READY", 20, "the started replica to be READY")
-    assert starting.url in served_by(gw, 20, extra_headers={"x-gateway-router": "round_robin"})
+    assert starting.url in gw.served_by(20, extra_headers={"x-gateway-router": "round_robin"})
 
 
 def test_error_contract(simulators, gateway) -> None:
     sims = simulators(1)
     gw = gateway([sims[0].url], max_body_bytes=4096)
     gw.wait_states({sims[0].url: "READY"})
-    sdk = client(gw)
+    sdk = gw.sdk()
     with pytest.raises(openai.NotFoundError) as info:
         sdk.chat.completions.create(model="no-such-model", messages=CHAT)
     assert info.value.body["code"] == "model_not_found"
@@ -199,9 +183,9 @@ def test_metrics_are_fleet_wide_with_two_ingress_replicas(simulators, gateway) -
         "both ingress replicas to answer",
     )
     assert len(ingress_ids) == 2
-    served = served_by(gw, 40)
+    served = gw.served_by(40)
     with pytest.raises(openai.NotFoundError):
-        client(gw).chat.completions.create(model="unknown", messages=CHAT)
+        gw.sdk().chat.completions.create(model="unknown", messages=CHAT)
 
     def totals() -> dict[str, float]:
         text = httpx.get(gw.url + "/metrics", timeout=10).text
@@ -236,7 +220,7 @@ def test_replica_dying_mid_stream_ends_with_error_event(simulators, gateway) -> 
     assert error["code"] == "upstream_reset" and error["message"]
     assert sum('"delta"' in e for e in events[:-2]) >= 1  # the tokens sent before the failure arrived
     with pytest.raises(openai.APIError):  # the SDK surfaces the error event as an exception
-        for _ in client(gw).chat.completions.create(model=MODEL, messages=CHAT, max_tokens=20, stream=True):
+        for _ in gw.sdk().chat.completions.create(model=MODEL, messages=CHAT, max_tokens=20, stream=True):
             pass
 
 
@@ -250,6 +234,6 @@ def test_hanging_replica_is_ejected_and_request_served_elsewhere(simulators, gat
     )
     gw.wait_states({hung.url: "READY", healthy.url: "READY"})
     hung.set_faults(hang=True)  # accepts, never answers /v1/*; its /health stays green
-    seen = served_by(gw, 6)
+    seen = gw.served_by(6)
     assert set(seen) == {healthy.url}
     assert gw.states()[hung.url] == "EJECTED"

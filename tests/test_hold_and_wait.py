@@ -13,16 +13,12 @@ MODEL = "sim-model"
 CHAT = [{"role": "user", "content": "hold me"}]
 
 
-def sdk(gw) -> openai.OpenAI:
-    return openai.OpenAI(base_url=gw.url + "/v1", api_key="unused", max_retries=0, timeout=60)
-
-
 def test_request_waits_for_a_starting_replica(simulators, gateway) -> None:
     (starting,) = simulators(1, "--startup-delay", "10", wait=False)
     gw = gateway([starting.url], models={starting.url: [MODEL]}, hold={"timeout_s": 30})
     assert gw.states()[starting.url] == "PENDING"
     began = time.monotonic()
-    raw = sdk(gw).chat.completions.with_raw_response.create(model=MODEL, messages=CHAT, max_tokens=4)
+    raw = gw.sdk().chat.completions.with_raw_response.create(model=MODEL, messages=CHAT, max_tokens=4)
     waited = time.monotonic() - began
     assert raw.http_response.status_code == 200
     assert raw.headers["x-gateway-replica"] == starting.url
@@ -35,7 +31,7 @@ def test_hold_times_out_with_503_and_short_retry_after(simulators, gateway) -> N
     gw = gateway([starting.url], models={starting.url: [MODEL]}, hold={"timeout_s": 1.5, "retry_after_starting_s": 1})
     began = time.monotonic()
     with pytest.raises(openai.APIStatusError) as info:
-        sdk(gw).chat.completions.create(model=MODEL, messages=CHAT, max_tokens=4)
+        gw.sdk().chat.completions.create(model=MODEL, messages=CHAT, max_tokens=4)
     waited = time.monotonic() - began
     assert info.value.status_code == 503
     assert info.value.response.headers["retry-after"] == "1"
@@ -48,7 +44,7 @@ def test_full_hold_queue_answers_503_at_once(simulators, gateway) -> None:
     gw = gateway([starting.url], models={starting.url: [MODEL]}, hold={"timeout_s": 30, "max_waiting": 0})
     began = time.monotonic()
     with pytest.raises(openai.APIStatusError) as info:
-        sdk(gw).chat.completions.create(model=MODEL, messages=CHAT, max_tokens=4)
+        gw.sdk().chat.completions.create(model=MODEL, messages=CHAT, max_tokens=4)
     assert info.value.status_code == 503 and "too many requests" in info.value.message
     assert time.monotonic() - began < 10
 
@@ -61,6 +57,6 @@ def test_nothing_coming_means_503_with_configured_retry_after(simulators, gatewa
     statuses = set()
     for _ in range(5):
         with pytest.raises(openai.APIStatusError) as info:
-            sdk(gw).chat.completions.create(model=MODEL, messages=CHAT, max_tokens=4)
+            gw.sdk().chat.completions.create(model=MODEL, messages=CHAT, max_tokens=4)
         statuses.add((info.value.status_code, info.value.response.headers.get("retry-after")))
     assert statuses == {(503, "7")}

@@ -10,7 +10,6 @@ from __future__ import annotations
 import itertools
 import signal
 import threading
-from collections import Counter
 from collections.abc import Callable, Iterator
 
 import httpx
@@ -64,19 +63,7 @@ def make_pod(api, ns: str, name: str, sim: SimulatorProcess, ready: bool = True)
     return f"{ns}/{name}"
 
 
-def sdk(gw) -> openai.OpenAI:
-    return openai.OpenAI(base_url=gw.url + "/v1", api_key="unused", max_retries=0, timeout=30)
-
-
-def served_by(gw, n: int) -> Counter:
-    seen: Counter = Counter()
-    for _ in range(n):
-        raw = sdk(gw).chat.completions.with_raw_response.create(
-            model=MODEL, messages=CHAT, max_tokens=4, extra_headers={"x-gateway-router": "round_robin"}
-        )
-        assert raw.parse().choices[0].message.content
-        seen[raw.headers["x-gateway-replica"]] += 1
-    return seen
+ROUND_ROBIN = {"x-gateway-router": "round_robin"}
 
 
 def test_ready_pods_are_routable_and_unready_ones_are_not(k8s_gateway, k8s_api_client, k8s_namespace, pod_sims) -> None:
@@ -86,21 +73,21 @@ def test_ready_pods_are_routable_and_unready_ones_are_not(k8s_gateway, k8s_api_c
     pod_b = make_pod(api, ns, "vllm-b", b, ready=False)
     gw = k8s_gateway()
     gw.wait_states({pod_a: "READY", pod_b: "PENDING"})
-    assert set(served_by(gw, 10)) == {pod_a}
+    assert set(gw.served_by(10, extra_headers=ROUND_ROBIN)) == {pod_a}
 
     kubelet.set_pod_status(api, ns, "vllm-b", ready=True, pod_ip=b.host)
     gw.wait_states({pod_b: "READY"})
-    assert set(served_by(gw, 10)) == {pod_a, pod_b}
+    assert set(gw.served_by(10, extra_headers=ROUND_ROBIN)) == {pod_a, pod_b}
 
     kubelet.set_pod_status(api, ns, "vllm-a", ready=False, pod_ip=a.host)  # readiness probe failing
     gw.wait_states({pod_a: "PENDING"})
     before = a.stats()["requests_total"]
-    assert set(served_by(gw, 10)) == {pod_b}
+    assert set(gw.served_by(10, extra_headers=ROUND_ROBIN)) == {pod_b}
     assert a.stats()["requests_total"] == before
 
     kubelet.set_pod_status(api, ns, "vllm-a", ready=True, pod_ip=a.host)
     gw.wait_states({pod_a: "READY"})
-    assert pod_a in served_by(gw, 10)
+    assert pod_a in gw.served_by(10, extra_headers=ROUND_ROBIN)
 
 
 def test_terminating_pod_finishes_its_stream_and_gets_nothing_new(k8s_gateway, k8s_api_client, k8s_namespace, pod_sims) -> None:
@@ -130,7 +117,7 @@ def test_terminating_pod_finishes_its_stream_and_gets_nothing_new(k8s_gateway, k
     kubelet.terminate_pod(api, ns, "vllm-a", grace_seconds=60)  # stays Terminating: no kubelet
     gw.wait_states({pod_a: "DRAINING"})
     requests_on_a = a.stats()["requests_total"]
-    assert set(served_by(gw, 15)) == {pod_b}
+    assert set(gw.served_by(15, extra_headers=ROUND_ROBIN)) == {pod_b}
     assert a.stats()["requests_total"] == requests_on_a  # not one new request on the terminating pod
     reader.join(timeout=60)
     body = b"".join(received)
@@ -140,7 +127,7 @@ def test_terminating_pod_finishes_its_stream_and_gets_nothing_new(k8s_gateway, k
     gw.wait_states({pod_b: "DRAINING"})
     for _ in range(5):
         with pytest.raises(openai.APIStatusError) as info:
-            sdk(gw).chat.completions.create(model=MODEL, messages=CHAT, max_tokens=4)
+            gw.sdk().chat.completions.create(model=MODEL, messages=CHAT, max_tokens=4)
         assert info.value.status_code == 503
         assert info.value.response.headers["retry-after"] == "4"
 
@@ -161,14 +148,14 @@ def test_pod_deleted_during_watch_outage_is_gone_after_reconnect(
             lambda: (r := httpx.get(gw.url + "/readyz", timeout=5).json())["stale"] and r, 30, "the view to turn stale"
         )
         assert stale["ready"] and stale["stale_since"] is not None
-        assert set(served_by(gw, 10)) == {pod_a, pod_b}  # no mass 503 while the API server is away
+        assert set(gw.served_by(10, extra_headers=ROUND_ROBIN)) == {pod_a, pod_b}  # no mass 503 while the API server is away
     finally:
         control_plane.start_apiserver()
     kubelet.force_delete_pod(api, ns, "vllm-a")  # most likely while our watch is still backing off
     wait_until(lambda: pod_a not in gw.states(), 60, "the deleted pod to leave the table")
     wait_until(lambda: not httpx.get(gw.url + "/readyz", timeout=5).json()["stale"], 30, "the view to be fresh again")
     requests_on_a = a.stats()["requests_total"]  # its simulator still runs: traffic would succeed
-    assert set(served_by(gw, 15)) == {pod_b}
+    assert set(gw.served_by(15, extra_headers=ROUND_ROBIN)) == {pod_b}
     assert a.stats()["requests_total"] == requests_on_a
 
 
