@@ -431,7 +431,7 @@ class ServeStack:
         from ray import serve
 
         from serve_app.config import GatewayConfig
-        from serve_app.health import ReplicaHealth
+        from serve_app.control import ReplicaHealth
         from serve_app.ingress import Gateway
 
         args = self.args

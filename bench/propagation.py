@@ -247,7 +247,7 @@ class _ActorRecorder:
         # First in line, so the health actor's own listener (which scans every row to
         # decide whether to probe at once) is not counted as "table changed".
         self.table._listeners.insert(0, self._on_change)
-        module = sys.modules.get("serve_app.discovery.kubernetes")
+        module = sys.modules.get("serve_app.control.discovery.kubernetes")
         if module is None or not hasattr(module, "endpoint_from_pod"):
             self.notes.append("discovery module not found: no watch-thread timestamps")
         else:
@@ -693,7 +693,7 @@ class Bench:
         from ray import serve
 
         from serve_app.config import GatewayConfig
-        from serve_app.health import ReplicaHealth
+        from serve_app.control import ReplicaHealth
         from serve_app.ingress import Gateway
 
         log("starting a local Ray + Serve")

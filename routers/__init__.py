@@ -6,15 +6,12 @@ and *picks* by returning every candidate in preference order. No I/O here.
 """
 
 from .base import Candidate, Router, RoutingFacts
-from .inflight import InflightLease, InflightTracker
 from .registry import ROUTER_NAMES, build_router
 
 __all__ = [
     "Candidate",
     "RoutingFacts",
     "Router",
-    "InflightTracker",
-    "InflightLease",
     "build_router",
     "ROUTER_NAMES",
 ]

@@ -15,13 +15,20 @@ from typing import Protocol, runtime_checkable
 
 @dataclass(frozen=True, slots=True)
 class Candidate:
-    """One replica that may serve the request, with its last scraped load."""
+    """One replica that may serve the request, with everything a policy may know of its load.
+
+    Built by the data plane for each request: ``inflight`` is what this ingress replica
+    has open on it right now; ``running``/``waiting``/``kv_cache_usage`` are the
+    replica's last scraped figures, ``load_age_s`` seconds old (None: never scraped).
+    """
 
     replica_id: str
     url: str
     running: int = 0
     waiting: int = 0
     kv_cache_usage: float = 0.0
+    inflight: int = 0
+    load_age_s: float | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from .base import Candidate, RoutingFacts
-from .inflight import InflightTracker
 from .load import load_of
 from .rotation import DEFAULT_MAX_KEYS, Rotation
 
@@ -17,11 +16,10 @@ class LeastRequestRouter:
     would go to the first replica in the list.
     """
 
-    __slots__ = ("_inflight", "_rotation")
+    __slots__ = ("_rotation",)
     name = "least_request"
 
-    def __init__(self, inflight: InflightTracker, max_models: int = DEFAULT_MAX_KEYS) -> None:
-        self._inflight = inflight
+    def __init__(self, max_models: int = DEFAULT_MAX_KEYS) -> None:
         self._rotation = Rotation(max_models)
 
     def choose(self, facts: RoutingFacts, candidates: Sequence[Candidate]) -> list[Candidate]:
@@ -30,8 +28,7 @@ class LeastRequestRouter:
             return []
         if n == 1:
             return [candidates[0]]
-        inflight = self._inflight
-        loads = [load_of(c, inflight) for c in candidates]
+        loads = [load_of(c) for c in candidates]
         # Rotate over the replicas tied at the lowest load, not over all of them:
         # rotating over all would favour whichever tied replica follows the most
         # untied ones in the list.

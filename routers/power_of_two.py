@@ -11,18 +11,16 @@ import random
 from collections.abc import Sequence
 
 from .base import Candidate, RoutingFacts
-from .inflight import InflightTracker
 from .load import load_of
 
 
 class PowerOfTwoRouter:
     """Less loaded of two random distinct samples, then the other, then the rest by load."""
 
-    __slots__ = ("_inflight", "_rng")
+    __slots__ = ("_rng",)
     name = "power_of_two"
 
-    def __init__(self, inflight: InflightTracker, rng: random.Random | None = None) -> None:
-        self._inflight = inflight
+    def __init__(self, rng: random.Random | None = None) -> None:
         self._rng = rng if rng is not None else random.Random()
 
     def choose(self, facts: RoutingFacts, candidates: Sequence[Candidate]) -> list[Candidate]:
@@ -31,8 +29,7 @@ class PowerOfTwoRouter:
             return []
         if n == 1:
             return [candidates[0]]
-        inflight = self._inflight
-        loads = [load_of(c, inflight) for c in candidates]
+        loads = [load_of(c) for c in candidates]
         # Two distinct indices without building a sample list.
         a = self._rng.randrange(n)
         b = self._rng.randrange(n - 1)

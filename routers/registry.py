@@ -5,7 +5,6 @@ from __future__ import annotations
 import random
 
 from .base import Router
-from .inflight import InflightTracker
 from .least_request import LeastRequestRouter
 from .power_of_two import PowerOfTwoRouter
 from .random_choice import RandomRouter
@@ -14,14 +13,14 @@ from .round_robin import RoundRobinRouter
 ROUTER_NAMES: tuple[str, ...] = ("round_robin", "random", "least_request", "power_of_two")
 
 
-def build_router(name: str, inflight: InflightTracker, rng: random.Random | None = None) -> Router:
+def build_router(name: str, rng: random.Random | None = None) -> Router:
     """The router called ``name``; ``rng`` seeds the randomised ones (tests pass a seeded one)."""
     if name == "round_robin":
         return RoundRobinRouter()
     if name == "random":
         return RandomRouter(rng)
     if name == "least_request":
-        return LeastRequestRouter(inflight)
+        return LeastRequestRouter()
     if name == "power_of_two":
-        return PowerOfTwoRouter(inflight, rng)
+        return PowerOfTwoRouter(rng)
     raise ValueError(f"unknown router '{name}'; choose one of: {', '.join(ROUTER_NAMES)}")

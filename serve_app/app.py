@@ -10,7 +10,7 @@ from typing import Any
 from ray.serve import Application
 
 from .config import GatewayConfig, load_config
-from .health import ReplicaHealth
+from .control import ReplicaHealth
 from .ingress import Gateway
 from .simulators import LocalSimulators
 

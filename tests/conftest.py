@@ -98,7 +98,7 @@ def gateway(serve_http: str) -> Iterator[Callable[..., GatewayUnderTest]]:
     from ray import serve
 
     from serve_app.config import GatewayConfig
-    from serve_app.health import ReplicaHealth
+    from serve_app.control import ReplicaHealth
     from serve_app.ingress import Gateway
 
     def deploy(

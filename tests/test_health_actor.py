@@ -8,7 +8,7 @@ import time
 import pytest
 
 from serve_app.config import GatewayConfig
-from serve_app.health import ReplicaHealth
+from serve_app.control import ReplicaHealth
 from serve_app.replicas import ReplicaState
 
 pytestmark = [pytest.mark.timeout(60), pytest.mark.asyncio]

@@ -34,10 +34,10 @@ from kubernetes.watch.watch import iter_resp_lines
 
 from controlplane import kubelet
 from serve_app.config import KubernetesDiscovery
-from serve_app.discovery import kubernetes as kubernetes_discovery
-from serve_app.discovery.kubernetes import KubernetesSource, _WatchExpired
+from serve_app.control.discovery import kubernetes as kubernetes_discovery
+from serve_app.control.discovery.kubernetes import KubernetesSource, _WatchExpired
 from serve_app.replicas import DiscoveryStatus, Endpoint, ReplicaState
-from serve_app.table import ReplicaTable
+from serve_app.control.table import ReplicaTable
 
 MODEL_LABEL = "llm-gateway/model"
 PORT_LABEL = "llm-gateway/port"

@@ -7,11 +7,11 @@ import json
 import pytest
 
 from serve_app.config import ConfigError, KubernetesDiscovery, load_config
-from serve_app.discovery.pods import endpoint_from_pod
-from serve_app.errors import GatewayError
-from serve_app.load_metrics import parse_load
+from serve_app.control.discovery.pods import endpoint_from_pod
+from serve_app.ingress.errors import GatewayError
+from serve_app.control.load_metrics import parse_load
 from serve_app.metrics import MetricsAggregator, RequestMetrics, render
-from serve_app.parsing import parse_request
+from serve_app.ingress.parsing import parse_request
 from serve_app.replicas import ReplicaState
 
 # -- config ------------------------------------------------------------------------------
@@ -209,7 +209,7 @@ async def test_a_dead_background_loop_fails_the_health_check() -> None:
 def test_kubernetes_failures_are_described_for_operators() -> None:
     from kubernetes.client.exceptions import ApiException
 
-    from serve_app.discovery.kubernetes import describe_failure
+    from serve_app.control.discovery.kubernetes import describe_failure
 
     forbidden = describe_failure(ApiException(status=403, reason="Forbidden"), "vllm")
     assert "403" in forbidden and "namespace 'vllm'" in forbidden and "list and watch on pods" in forbidden

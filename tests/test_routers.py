@@ -1,20 +1,17 @@
-"""Unit tests for the routing policies and the in-flight tracker."""
+"""Unit tests for the routing policies: pure functions of the request facts and candidates."""
 
 from __future__ import annotations
 
-import asyncio
-import gc
+import dataclasses
 import random
 from collections import Counter
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 
 import pytest
 
 from routers import (
     ROUTER_NAMES,
     Candidate,
-    InflightLease,
-    InflightTracker,
     Router,
     RoutingFacts,
     build_router,
@@ -50,13 +47,13 @@ def firsts(router: Router, cands: Sequence[Candidate], picks: int, facts: Routin
 
 
 def test_round_robin_spreads_exactly_evenly() -> None:
-    router = build_router("round_robin", InflightTracker())
+    router = build_router("round_robin")
     cands = make(3)
     assert firsts(router, cands, 300) == {"r0": 100, "r1": 100, "r2": 100}
 
 
 def test_round_robin_fallbacks_continue_the_rotation() -> None:
-    router = build_router("round_robin", InflightTracker())
+    router = build_router("round_robin")
     cands = make(4)
     for turn in range(8):
         out = router.choose(FACTS, cands)
@@ -66,7 +63,7 @@ def test_round_robin_fallbacks_continue_the_rotation() -> None:
 
 
 def test_round_robin_models_rotate_independently() -> None:
-    router = build_router("round_robin", InflightTracker())
+    router = build_router("round_robin")
     cands = make(3)
     a, b = RoutingFacts(model="a"), RoutingFacts(model="b")
     seq_a, seq_b = [], []
@@ -92,7 +89,7 @@ def test_rotation_state_is_bounded() -> None:
 
 
 def test_random_is_roughly_uniform_and_a_permutation() -> None:
-    router = build_router("random", InflightTracker(), rng=random.Random(1234))
+    router = build_router("random", rng=random.Random(1234))
     cands = make(4)
     picks: Counter[str] = Counter()
     fallback_orders = set()
@@ -112,14 +109,14 @@ def test_random_is_roughly_uniform_and_a_permutation() -> None:
 
 
 def test_least_request_picks_least_loaded_and_orders_by_load() -> None:
-    router = build_router("least_request", InflightTracker())
+    router = build_router("least_request")
     cands = make(4, loads=[5, 2, 9, 0])
     for _ in range(4):
         assert ids(router.choose(FACTS, cands)) == ["r3", "r1", "r0", "r2"]
 
 
 def test_least_request_counts_running_and_waiting() -> None:
-    router = build_router("least_request", InflightTracker())
+    router = build_router("least_request")
     cands = [
         Candidate("a", "http://a", running=0, waiting=5),
         Candidate("b", "http://b", running=3, waiting=0),
@@ -129,26 +126,29 @@ def test_least_request_counts_running_and_waiting() -> None:
         assert ids(router.choose(FACTS, cands)) == ["b", "c", "a"]
 
 
+def with_inflight(cands: Sequence[Candidate], inflight: dict[str, int]) -> list[Candidate]:
+    """The candidates as the data plane hands them over with this many requests open here."""
+    return [dataclasses.replace(c, inflight=inflight.get(c.replica_id, 0)) for c in cands]
+
+
 def test_least_request_counts_local_inflight() -> None:
-    tracker = InflightTracker()
-    router = build_router("least_request", tracker)
+    router = build_router("least_request")
     cands = make(3, loads=[0, 1, 1])
     assert router.choose(FACTS, cands)[0].replica_id == "r0"
-    with tracker.track("r0"), tracker.track("r0"), tracker.track("r1"):
-        # r0: 2 local, r1: 1 local + 1 scraped, r2: 1 scraped.
-        for _ in range(3):
-            out = ids(router.choose(FACTS, cands))
-            assert out[0] == "r2"
-            assert sorted(out[1:]) == ["r0", "r1"]  # tied at 2, order rotates
-    assert tracker.snapshot() == {}
+    # r0: 2 local, r1: 1 local + 1 scraped, r2: 1 scraped.
+    busy = with_inflight(cands, {"r0": 2, "r1": 1})
+    for _ in range(3):
+        out = ids(router.choose(FACTS, busy))
+        assert out[0] == "r2"
+        assert sorted(out[1:]) == ["r0", "r1"]  # tied at 2, order rotates
     assert router.choose(FACTS, cands)[0].replica_id == "r0"
 
 
 def test_least_request_spreads_ties_evenly() -> None:
-    router = build_router("least_request", InflightTracker())
+    router = build_router("least_request")
     assert firsts(router, make(3), 300) == {"r0": 100, "r1": 100, "r2": 100}
     # Ties among a subset spread evenly too, and the busy replicas are never picked.
-    router = build_router("least_request", InflightTracker())
+    router = build_router("least_request")
     assert firsts(router, make(4, loads=[0, 7, 0, 7]), 200) == {"r0": 100, "r2": 100}
 
 
@@ -156,7 +156,7 @@ def test_least_request_spreads_ties_evenly() -> None:
 
 
 def test_power_of_two_never_picks_the_most_loaded() -> None:
-    router = build_router("power_of_two", InflightTracker(), rng=random.Random(7))
+    router = build_router("power_of_two", rng=random.Random(7))
     for loads in ([0, 10, 100], [3, 50, 1, 2, 9]):
         cands = make(len(loads), loads)
         worst = cands[loads.index(max(loads))]
@@ -173,13 +173,13 @@ def test_power_of_two_never_picks_the_most_loaded() -> None:
 def test_power_of_two_distribution() -> None:
     # Loads 0 < 10 < 100: the lightest wins every pair it is in (2/3 of pairs),
     # the middle one wins only the pair with the heaviest (1/3), the heaviest never.
-    router = build_router("power_of_two", InflightTracker(), rng=random.Random(99))
+    router = build_router("power_of_two", rng=random.Random(99))
     got = firsts(router, make(3, loads=[0, 10, 100]), 6000)
     assert 4000 * 0.9 <= got["r0"] <= 4000 * 1.1
     assert 2000 * 0.85 <= got["r1"] <= 2000 * 1.15
     assert got["r2"] == 0
     # Equal loads: the first sample wins, so picks are uniform.
-    router = build_router("power_of_two", InflightTracker(), rng=random.Random(5))
+    router = build_router("power_of_two", rng=random.Random(5))
     got = firsts(router, make(4), 6000)
     assert set(got) == {"r0", "r1", "r2", "r3"}
     for n in got.values():
@@ -187,18 +187,14 @@ def test_power_of_two_distribution() -> None:
 
 
 def test_power_of_two_counts_local_inflight() -> None:
-    tracker = InflightTracker()
-    router = build_router("power_of_two", tracker, rng=random.Random(3))
+    router = build_router("power_of_two", rng=random.Random(3))
     cands = make(3)
-    leases = [tracker.acquire("r1") for _ in range(50)]
-    assert "r1" not in firsts(router, cands, 500)
-    for lease in leases:
-        lease.release()
+    assert "r1" not in firsts(router, with_inflight(cands, {"r1": 50}), 500)
     assert "r1" in firsts(router, cands, 500)
 
 
 def test_power_of_two_single_candidate() -> None:
-    router = build_router("power_of_two", InflightTracker(), rng=random.Random(0))
+    router = build_router("power_of_two", rng=random.Random(0))
     only = make(1)
     assert router.choose(FACTS, only) == only
 
@@ -208,8 +204,7 @@ def test_power_of_two_single_candidate() -> None:
 
 @pytest.mark.parametrize("name", ROUTER_NAMES)
 def test_every_router_returns_a_permutation(name: str) -> None:
-    tracker = InflightTracker()
-    router = build_router(name, tracker, rng=random.Random(11))
+    router = build_router(name, rng=random.Random(11))
     assert router.name == name
     assert isinstance(router, Router)
     gen = random.Random(name)
@@ -222,189 +217,51 @@ def test_every_router_returns_a_permutation(name: str) -> None:
                     running=gen.randrange(4),
                     waiting=gen.randrange(3),
                     kv_cache_usage=gen.random(),
+                    inflight=gen.randrange(3),
                 )
                 for i in range(n)
             ]
-            held = [tracker.acquire(f"r{gen.randrange(n)}") for _ in range(gen.randrange(3))] if n else []
             facts = RoutingFacts(model=gen.choice("abc"))
             # Tuples are Sequences too; the gateway may pass either.
             for given in (cands, tuple(cands)):
                 out = router.choose(facts, given)
                 assert isinstance(out, list)
                 assert_permutation(out, cands)
-            for lease in held:
-                lease.release()
-    assert tracker.snapshot() == {}
 
 
 @pytest.mark.parametrize("name", ROUTER_NAMES)
 def test_every_router_returns_empty_for_no_candidates(name: str) -> None:
-    router = build_router(name, InflightTracker(), rng=random.Random(0))
+    router = build_router(name, rng=random.Random(0))
     assert router.choose(FACTS, []) == []
 
 
 def test_build_router_rejects_unknown_name() -> None:
     with pytest.raises(ValueError) as info:
-        build_router("x", InflightTracker())
+        build_router("x")
     assert str(info.value) == (
         "unknown router 'x'; choose one of: round_robin, random, least_request, power_of_two"
     )
 
 
-# -------------------------------------------------------------- InflightTracker
+def test_routers_package_is_pure_policy() -> None:
+    """routers/ imports nothing from the gateway and does no I/O: policy is fed as data."""
+    import ast
+    import pathlib
 
+    import routers
 
-# Tests of `track` keep a reference to the scope object, so a missed release
-# cannot be hidden by the lease's garbage-collection safety net.
-
-
-def test_track_counts_and_releases_on_normal_exit() -> None:
-    tracker = InflightTracker()
-    outer, inner = tracker.track("a"), tracker.track("a")
-    with outer:
-        assert tracker.count("a") == 1
-        with inner:
-            assert tracker.count("a") == 2
-        assert tracker.count("a") == 1
-    assert tracker.count("a") == 0
-    assert tracker.snapshot() == {}
-
-
-def test_track_releases_on_exception() -> None:
-    tracker = InflightTracker()
-    scope = tracker.track("a")
-    with pytest.raises(RuntimeError):
-        with scope:
-            assert tracker.count("a") == 1
-            raise RuntimeError("upstream failed")
-    assert tracker.count("a") == 0
-    assert tracker.snapshot() == {}
-
-
-@pytest.mark.asyncio
-async def test_track_releases_on_cancellation() -> None:
-    tracker = InflightTracker()
-    entered = asyncio.Event()
-    never = asyncio.Event()
-    scope = tracker.track("a")
-
-    async def handler() -> None:
-        with scope:
-            entered.set()
-            await never.wait()
-
-    task = asyncio.create_task(handler())
-    await entered.wait()
-    assert tracker.count("a") == 1
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
-    assert tracker.count("a") == 0
-    assert tracker.snapshot() == {}
-
-
-@pytest.mark.asyncio
-async def test_track_inside_async_generator_releases_on_aclose() -> None:
-    tracker = InflightTracker()
-    scope = tracker.track("a")
-
-    async def body() -> AsyncIterator[int]:
-        with scope:
-            for i in range(10):
-                yield i
-
-    gen = body()
-    assert await anext(gen) == 0
-    assert tracker.count("a") == 1
-    await gen.aclose()
-    assert tracker.count("a") == 0
-
-
-@pytest.mark.asyncio
-async def test_lease_held_by_async_generator_releases_on_aclose() -> None:
-    tracker = InflightTracker()
-
-    async def body(lease: InflightLease) -> AsyncIterator[int]:
-        try:
-            for i in range(10):
-                yield i
-        finally:
-            lease.release()
-
-    # The test keeps its own reference, so only the generator's finally can release.
-    lease = tracker.acquire("a")
-    gen = body(lease)
-    assert await anext(gen) == 0
-    assert tracker.count("a") == 1
-    await gen.aclose()
-    assert lease.released
-    assert tracker.count("a") == 0
-
-
-def test_lease_release_is_idempotent() -> None:
-    tracker = InflightTracker()
-    first = tracker.acquire("a")
-    second = tracker.acquire("a")
-    assert tracker.count("a") == 2
-    first.release()
-    first.release()
-    first.release()
-    # A repeated release must not eat the other request's count.
-    assert tracker.count("a") == 1
-    second.release()
-    assert tracker.count("a") == 0
-    second.release()
-    assert tracker.count("a") == 0
-    assert tracker.snapshot() == {}
-
-
-def test_unreleased_lease_releases_when_collected() -> None:
-    tracker = InflightTracker()
-    lease = tracker.acquire("a")
-    assert tracker.count("a") == 1
-    del lease
-    gc.collect()
-    assert tracker.count("a") == 0
-
-
-def test_counts_never_go_negative() -> None:
-    tracker = InflightTracker()
-    assert tracker.count("never-seen") == 0
-    lease = tracker.acquire("a")
-    scope = tracker.track("a")
-    with scope:
-        lease.release()
-        lease.release()
-        assert tracker.count("a") == 1
-    lease.release()
-    assert tracker.count("a") == 0
-    assert all(n > 0 for n in tracker.snapshot().values())
-    assert tracker.snapshot() == {}
-
-
-def test_forget_bounds_the_dict() -> None:
-    tracker = InflightTracker()
-    leases = {rid: tracker.acquire(rid) for rid in ("a", "b", "c")}
-    assert tracker.snapshot() == {"a": 1, "b": 1, "c": 1}
-    tracker.forget(["a", "z"])
-    assert tracker.snapshot() == {"a": 1}
-    assert tracker.count("b") == 0
-    # "b" comes back under the same id; a late release of the old lease
-    # must not touch the new count, nor drive anything negative.
-    fresh = tracker.acquire("b")
-    leases["b"].release()
-    leases["c"].release()
-    assert tracker.snapshot() == {"a": 1, "b": 1}
-    fresh.release()
-    leases["a"].release()
-    assert tracker.snapshot() == {}
-    assert len(tracker) == 0
-
-
-def test_forget_keeps_present_replicas_counting() -> None:
-    tracker = InflightTracker()
-    one, two = tracker.track("a"), tracker.track("a")
-    with one, two:
-        tracker.forget(iter(["a"]))  # any iterable, consumed once
-        assert tracker.count("a") == 2
-    assert tracker.snapshot() == {}
+    allowed = {"__future__", "collections", "dataclasses", "typing", "random", "itertools", "math",
+               "hashlib", "heapq", "bisect", "struct", "array", "enum"}
+    root = pathlib.Path(routers.__file__).parent
+    for path in sorted(root.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                if node.level:  # relative: inside routers/
+                    continue
+                names = [node.module or ""]
+            else:
+                continue
+            for name in names:
+                assert name.split(".")[0] in allowed, f"{path.name} imports {name}"

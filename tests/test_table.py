@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from serve_app.replicas import DiscoveryStatus, Endpoint, ReplicaState
-from serve_app.table import ReplicaTable
+from serve_app.control.table import ReplicaTable
 
 
 class Clock:

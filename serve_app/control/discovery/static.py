@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 
-from ..replicas import DiscoveryStatus, Endpoint, ReplicaState
+from ...replicas import DiscoveryStatus, Endpoint, ReplicaState
 from .base import DiscoverySink
 
 

@@ -20,14 +20,15 @@ from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, Response
 
-from routers import ROUTER_NAMES, InflightTracker, Router, build_router
+from routers import ROUTER_NAMES, Router, build_router
 
-from .background import BackgroundLoops
-from .config import GatewayConfig, load_config
+from ..background import BackgroundLoops
+from ..config import GatewayConfig, load_config
+from ..metrics import UNKNOWN_MODEL, RequestMetrics
 from .errors import GatewayError, bad_request, error_body, model_not_found, no_ready_replica
 from .forwarding import Forwarder
+from .inflight import InflightTracker
 from .local_view import LocalView
-from .metrics import UNKNOWN_MODEL, RequestMetrics
 from .parsing import parse_request
 
 log = logging.getLogger("ray.serve")
@@ -111,7 +112,7 @@ class Gateway:
         )
         self._view = LocalView()
         self._inflight = InflightTracker()
-        self._routers: dict[str, Router] = {name: build_router(name, self._inflight) for name in ROUTER_NAMES}
+        self._routers: dict[str, Router] = {name: build_router(name) for name in ROUTER_NAMES}
         self._metrics = RequestMetrics()
         self._pending_reports: set[asyncio.Task] = set()
         self._forwarder = Forwarder(

@@ -1,7 +1,9 @@
 """An ingress replica's own copy of the replica table, indexed for the request path.
 
-Each published snapshot is indexed once (READY candidates per model, sorted), so a
-request costs a dict lookup. Failures this ingress sees itself take a replica out of
+Each published snapshot is indexed once (READY replicas per model, sorted), so a
+request costs a dict lookup plus one `Candidate` per replica carrying this ingress's
+in-flight count: routing policies get their load as data, not by reaching into the
+forwarding layer's tracker. Failures this ingress sees itself take a replica out of
 its own choices at once, before the actor's ejection comes back in the next snapshot.
 """
 
@@ -13,14 +15,18 @@ from collections.abc import Callable
 
 from routers import Candidate
 
-from .replicas import ReplicaState, Snapshot
+from ..replicas import ReplicaState, ReplicaView, Snapshot
+
+
+def _nothing_in_flight(replica_id: str) -> int:
+    return 0
 
 
 class LocalView:
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self.snapshot: Snapshot | None = None
         self.received_at: float | None = None  # wall clock, for the replica table
-        self._ready: dict[str, tuple[Candidate, ...]] = {}
+        self._ready: dict[str, tuple[ReplicaView, ...]] = {}
         self._coming: frozenset[str] = frozenset()  # models with a PENDING replica
         self._known: frozenset[str] = frozenset()
         self._ejected_until: dict[str, float] = {}
@@ -36,19 +42,12 @@ class LocalView:
             return False
 
     def apply(self, snapshot: Snapshot) -> None:
-        ready: dict[str, list[Candidate]] = {}
+        ready: dict[str, list[ReplicaView]] = {}
         coming: set[str] = set()
         for view in snapshot.replicas:  # already sorted by replica_id
             if view.state is ReplicaState.READY:
-                candidate = Candidate(
-                    replica_id=view.replica_id,
-                    url=view.url,
-                    running=view.running,
-                    waiting=view.waiting,
-                    kv_cache_usage=view.kv_cache_usage,
-                )
                 for model in view.models:
-                    ready.setdefault(model, []).append(candidate)
+                    ready.setdefault(model, []).append(view)
             elif view.state is ReplicaState.PENDING:
                 coming.update(view.models)
         self._ready = {model: tuple(cands) for model, cands in ready.items()}
@@ -71,12 +70,16 @@ class LocalView:
     def has_coming(self, model: str) -> bool:
         return model in self._coming
 
-    def candidates(self, model: str) -> list[Candidate]:
-        cands = self._ready.get(model, ())
-        if not self._ejected_until:
-            return list(cands)
-        now = self._clock()
-        return [c for c in cands if self._ejected_until.get(c.replica_id, 0.0) <= now]
+    def candidates(self, model: str, inflight: Callable[[str], int] = _nothing_in_flight) -> list[Candidate]:
+        """READY replicas of ``model`` not ejected here, each with ``inflight(replica_id)``."""
+        views = self._ready.get(model, ())
+        if self._ejected_until:
+            now = self._clock()
+            views = [v for v in views if self._ejected_until.get(v.replica_id, 0.0) <= now]
+        return [
+            Candidate(v.replica_id, v.url, v.running, v.waiting, v.kv_cache_usage, inflight(v.replica_id))
+            for v in views
+        ]
 
     def eject_locally(self, replica_id: str, seconds: float) -> None:
         self._ejected_until[replica_id] = self._clock() + seconds

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Protocol
 
-from ..replicas import DiscoveryStatus, Endpoint
+from ...replicas import DiscoveryStatus, Endpoint
 
 
 class DiscoverySink(Protocol):

@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from .replicas import DiscoveryStatus, Endpoint, ReplicaState, ReplicaView, Snapshot
+from ..replicas import DiscoveryStatus, Endpoint, ReplicaState, ReplicaView, Snapshot
 
 MAX_REMEMBERED_MODELS = 4096
 

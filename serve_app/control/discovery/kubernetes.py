@@ -21,8 +21,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from ..config import KubernetesDiscovery
-from ..replicas import DiscoveryStatus, Endpoint
+from ...config import KubernetesDiscovery
+from ...replicas import DiscoveryStatus, Endpoint
 from .base import DiscoverySink
 from .pods import endpoint_from_pod, pod_replica_id
 

@@ -19,12 +19,12 @@ from typing import Any
 import aiohttp
 from ray import serve
 
-from .background import BackgroundLoops
-from .config import GatewayConfig, load_config
+from ..background import BackgroundLoops
+from ..config import GatewayConfig, load_config
+from ..metrics import FamilyData, MetricsAggregator, render, replica_state_metrics
+from ..replicas import ReplicaState, Snapshot
 from .discovery import build_source
-from .metrics import FamilyData, MetricsAggregator, render, replica_state_metrics
 from .prober import Prober
-from .replicas import ReplicaState, Snapshot
 from .table import ReplicaTable
 
 log = logging.getLogger("ray.serve")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..config import GatewayConfig
+from ...config import GatewayConfig
 from .base import DiscoverySource
 from .static import StaticSource
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..config import KubernetesDiscovery
-from ..replicas import Endpoint, ReplicaState
+from ...config import KubernetesDiscovery
+from ...replicas import Endpoint, ReplicaState
 
 GONE_PHASES = frozenset({"Succeeded", "Failed"})
 

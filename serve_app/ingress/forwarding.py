@@ -19,12 +19,13 @@ from dataclasses import dataclass
 import aiohttp
 from starlette.responses import Response, StreamingResponse
 
-from routers import Candidate, InflightLease, InflightTracker, Router
+from routers import Candidate, Router
 
-from .config import GatewayConfig
+from ..config import GatewayConfig
+from ..metrics import RequestMetrics
 from .errors import GatewayError, no_ready_replica, stream_error_event
+from .inflight import InflightLease, InflightTracker
 from .local_view import LocalView
-from .metrics import RequestMetrics
 from .parsing import ParsedRequest
 
 log = logging.getLogger(__name__)
@@ -93,7 +94,7 @@ class Forwarder:
         self, path: str, body: bytes, parsed: ParsedRequest, request_id: str, router: Router, started: float
     ) -> Response:
         model = parsed.facts.model
-        candidates = self._view.candidates(model) or await self._hold(model, started)
+        candidates = self._view.candidates(model, self._inflight.count) or await self._hold(model, started)
         if isinstance(candidates, GatewayError):
             return candidates.response()
         ordered = router.choose(parsed.facts, candidates)
@@ -142,7 +143,7 @@ class Forwarder:
                 await self._view.wait_for_change(remaining)
             finally:
                 self._held -= 1
-            candidates = self._view.candidates(model)
+            candidates = self._view.candidates(model, self._inflight.count)
             if candidates:
                 return candidates
 
