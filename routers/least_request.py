@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from .base import Candidate, RoutingFacts
-from .load import load_of
+from .load import DEFAULT_MAX_LOAD_AGE_S, load_of
 from .rotation import DEFAULT_MAX_KEYS, Rotation
 
 
@@ -16,10 +16,11 @@ class LeastRequestRouter:
     would go to the first replica in the list.
     """
 
-    __slots__ = ("_rotation",)
+    __slots__ = ("_rotation", "_max_load_age_s")
     name = "least_request"
 
-    def __init__(self, max_models: int = DEFAULT_MAX_KEYS) -> None:
+    def __init__(self, max_models: int = DEFAULT_MAX_KEYS, max_load_age_s: float = DEFAULT_MAX_LOAD_AGE_S) -> None:
+        self._max_load_age_s = max_load_age_s
         self._rotation = Rotation(max_models)
 
     def choose(self, facts: RoutingFacts, candidates: Sequence[Candidate]) -> list[Candidate]:
@@ -28,7 +29,7 @@ class LeastRequestRouter:
             return []
         if n == 1:
             return [candidates[0]]
-        loads = [load_of(c) for c in candidates]
+        loads = [load_of(c, self._max_load_age_s) for c in candidates]
         # Rotate over the replicas tied at the lowest load, not over all of them:
         # rotating over all would favour whichever tied replica follows the most
         # untied ones in the list.

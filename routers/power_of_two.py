@@ -11,16 +11,17 @@ import random
 from collections.abc import Sequence
 
 from .base import Candidate, RoutingFacts
-from .load import load_of
+from .load import DEFAULT_MAX_LOAD_AGE_S, load_of
 
 
 class PowerOfTwoRouter:
     """Less loaded of two random distinct samples, then the other, then the rest by load."""
 
-    __slots__ = ("_rng",)
+    __slots__ = ("_rng", "_max_load_age_s")
     name = "power_of_two"
 
-    def __init__(self, rng: random.Random | None = None) -> None:
+    def __init__(self, rng: random.Random | None = None, max_load_age_s: float = DEFAULT_MAX_LOAD_AGE_S) -> None:
+        self._max_load_age_s = max_load_age_s
         self._rng = rng if rng is not None else random.Random()
 
     def choose(self, facts: RoutingFacts, candidates: Sequence[Candidate]) -> list[Candidate]:
@@ -29,7 +30,7 @@ class PowerOfTwoRouter:
             return []
         if n == 1:
             return [candidates[0]]
-        loads = [load_of(c) for c in candidates]
+        loads = [load_of(c, self._max_load_age_s) for c in candidates]
         # Two distinct indices without building a sample list.
         a = self._rng.randrange(n)
         b = self._rng.randrange(n - 1)

@@ -100,16 +100,35 @@ class Hold(_Strict):
 class Health(_Strict):
     probe_interval_s: float = Field(default=2.0, gt=0)
     probe_timeout_s: float = Field(default=2.0, gt=0)
-    metrics_interval_s: float = Field(default=2.0, gt=0, description="How often replicas' /metrics are scraped for load.")
+    metrics_interval_s: float = Field(
+        default=0.2, gt=0, description="How often replicas' /metrics are scraped for load (own pool, not the probes')."
+    )
     eject_after_failures: int = Field(default=3, ge=1, description="Consecutive 5xx/timeouts before ejection.")
     ejection_base_s: float = Field(default=2.0, gt=0)
     ejection_max_s: float = Field(default=60.0, gt=0)
 
 
+class Routing(_Strict):
+    """How cache- and load-aware routing sees prompts and load."""
+
+    block_bytes: int = Field(
+        default=64, ge=16, le=4096,
+        description="Prompt text is hashed in blocks of this many bytes (~16 tokens) for the prefix index.",
+    )
+    max_index_blocks: int = Field(
+        default=1 << 18, ge=1024,
+        description="Hard bound on prefix-index entries per ingress replica (~300 bytes each: 75 MB at the default).",
+    )
+    max_load_age_s: float | None = Field(
+        default=None, gt=0,
+        description="Scraped load older than this is not trusted; null: 5 scrape intervals (at least 1 s).",
+    )
+
+
 class GatewayConfig(_Strict):
     discovery: Discovery = Field(default_factory=StaticDiscovery)
     simulators: EmbeddedSimulators | None = None
-    router: str = "least_request"
+    router: str = "cache_aware"
     router_header: str = "x-gateway-router"
     models: list[str] = Field(
         default_factory=list,
@@ -122,6 +141,7 @@ class GatewayConfig(_Strict):
     retries: Retries = Field(default_factory=Retries)
     hold: Hold = Field(default_factory=Hold)
     health: Health = Field(default_factory=Health)
+    routing: Routing = Field(default_factory=Routing)
 
     @field_validator("router")
     @classmethod
@@ -138,6 +158,11 @@ class GatewayConfig(_Strict):
             # The embedded default: an empty config is the local demo.
             object.__setattr__(self, "simulators", EmbeddedSimulators())
         return self
+
+    def max_load_age_s(self) -> float:
+        if self.routing.max_load_age_s is not None:
+            return self.routing.max_load_age_s
+        return max(1.0, 5 * self.health.metrics_interval_s)
 
     def static_urls(self) -> list[str]:
         """Static URLs, including the embedded simulators' addresses."""

@@ -53,6 +53,14 @@ class RequestMetrics:
         self.in_flight = Gauge(
             "gateway_requests_in_flight", "Requests being served right now.", ["model"], registry=self.registry,
         )
+        self.predicted_cached = Counter(
+            "gateway_routing_predicted_cached_tokens", "Prompt tokens the router expected the chosen replica to hold.",
+            ["model"], registry=self.registry,
+        )
+        self.routed_prompt = Counter(
+            "gateway_routing_prompt_tokens", "Prompt tokens (estimated) of requests a cost-based router placed.",
+            ["model"], registry=self.registry,
+        )
         self.stream_errors = Counter(
             "gateway_stream_errors", "Streams ended with an error event after they started.",
             ["model", "replica"], registry=self.registry,
@@ -69,6 +77,10 @@ class RequestMetrics:
         self.in_flight.labels(model).dec()
         self.requests.labels(model, str(status), replica).inc()
         self.latency.labels(model).observe(seconds)
+
+    def routed(self, model: str, predicted_cached_tokens: int, prompt_tokens: int) -> None:
+        self.predicted_cached.labels(model).inc(predicted_cached_tokens)
+        self.routed_prompt.labels(model).inc(prompt_tokens)
 
     def rejected(self, model: str, status: int) -> None:
         """A request refused before routing (4xx): counted, never in flight."""

@@ -40,9 +40,6 @@ class ReplicaView:
     reason: str
     since: float  # wall-clock time the state was entered
     source: str
-    running: int = 0
-    waiting: int = 0
-    kv_cache_usage: float = 0.0
 
     def as_dict(self) -> dict:
         return {
@@ -53,9 +50,6 @@ class ReplicaView:
             "reason": self.reason,
             "since": self.since,
             "source": self.source,
-            "running": self.running,
-            "waiting": self.waiting,
-            "kv_cache_usage": self.kv_cache_usage,
         }
 
 
@@ -82,3 +76,28 @@ class Snapshot:
     known_models: tuple[str, ...]
     discovery: DiscoveryStatus = field(default_factory=DiscoveryStatus)
     created: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class LoadSample:
+    """One replica's load as last scraped, published apart from the snapshot.
+
+    Loads change many times a second; shipping them with the replica table would
+    republish every URL, model and reason at that rate.
+    """
+
+    running: int
+    waiting: int
+    kv_cache_usage: float
+    scraped_at: float  # wall clock: ingress replicas on other nodes compute the age
+    slots: int | None = None  # running slots, once the replica was seen saturated
+    cache_tokens: int | None = None  # KV cache size in tokens, when the replica says
+
+
+@dataclass(frozen=True, slots=True)
+class LoadUpdate:
+    """Every replica's latest load sample; `version` grows with each scrape round."""
+
+    epoch: str
+    version: int
+    samples: dict[str, LoadSample]

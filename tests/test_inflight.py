@@ -11,7 +11,8 @@ import pytest
 from routers import build_router, RoutingFacts
 from serve_app.ingress.inflight import InflightLease, InflightTracker
 from serve_app.ingress.local_view import LocalView
-from serve_app.replicas import ReplicaState, ReplicaView, Snapshot
+from routers.load import load_of
+from serve_app.replicas import LoadSample, LoadUpdate, ReplicaState, ReplicaView, Snapshot
 
 
 # -------------------------------------------------------------- InflightTracker
@@ -177,23 +178,38 @@ def test_forget_keeps_present_replicas_counting() -> None:
 
 
 def _view(*replica_ids: str, model: str = "m") -> LocalView:
-    view = LocalView()
+    view = LocalView(wall=lambda: 1000.0)
     replicas = tuple(
-        ReplicaView(rid, f"http://{rid}", (model,), ReplicaState.READY, "", 0.0, "static", running=1)
-        for rid in replica_ids
+        ReplicaView(rid, f"http://{rid}", (model,), ReplicaState.READY, "", 0.0, "static") for rid in replica_ids
     )
     view.apply(Snapshot(epoch="e", version=1, replicas=replicas, known_models=(model,)))
     return view
 
 
+def _loads(version: int, scraped_at: float = 999.5, **running: int) -> LoadUpdate:
+    return LoadUpdate("e", version, {rid: LoadSample(n, 0, 0.0, scraped_at) for rid, n in running.items()})
+
+
 def test_candidates_carry_this_replicas_inflight_counts() -> None:
     tracker = InflightTracker()
     view = _view("r0", "r1", "r2")
+    view.apply_loads(_loads(1, r0=1, r1=1, r2=1), tracker.count)
     leases = [tracker.acquire("r0"), tracker.acquire("r0"), tracker.acquire("r2")]
     cands = view.candidates("m", tracker.count)
-    assert [(c.replica_id, c.inflight, c.running) for c in cands] == [("r0", 2, 1), ("r1", 0, 1), ("r2", 1, 1)]
-    # least_request sees them: r1 is the only replica with nothing open here.
+    assert [(c.replica_id, c.inflight, c.running, c.load_age_s) for c in cands] == [
+        ("r0", 2, 1, 0.5), ("r1", 0, 1, 0.5), ("r2", 1, 1, 0.5)
+    ]
+    # least_request sees them, each request counted once: r0 = 1 scraped + 2 opened since.
+    assert [load_of(c) for c in cands] == [3, 1, 2]
     assert build_router("least_request").choose(RoutingFacts(model="m"), cands)[0].replica_id == "r1"
+    # A new scrape that already counts r0's two requests does not count them again.
+    view.apply_loads(_loads(2, scraped_at=999.9, r0=3, r1=1, r2=2), tracker.count)
+    assert [load_of(c) for c in view.candidates("m", tracker.count)] == [3, 1, 2]
+    # A round whose r0 sample is the same scrape keeps r0's reference: a request r0
+    # finished here since is taken off the scraped figure.
+    leases.pop(0).release()
+    view.apply_loads(_loads(3, scraped_at=999.9, r0=3, r1=1, r2=2), tracker.count)
+    assert [load_of(c) for c in view.candidates("m", tracker.count)] == [2, 1, 2]
     for lease in leases:
         lease.release()
     assert [c.inflight for c in view.candidates("m", tracker.count)] == [0, 0, 0]

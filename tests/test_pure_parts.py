@@ -53,9 +53,38 @@ def _parse(path: str, payload: object, session: str | None = None):
 
 def test_parse_chat() -> None:
     parsed = _parse("/v1/chat/completions", {"model": "m", "stream": True, "messages": [{"role": "user", "content": "hi"}], "user": "u1"})
-    assert parsed.stream and parsed.facts.model == "m" and parsed.facts.prefix == "hi"
+    assert parsed.stream and parsed.facts.model == "m"
     assert parsed.facts.session_key == "u1"
     assert _parse("/v1/chat/completions", {"model": "m", "messages": [{"role": "user", "content": "x"}]}, "s").facts.session_key == "s"
+
+
+def test_parse_hashes_the_whole_conversation_in_blocks() -> None:
+    system = {"role": "system", "content": "You are a careful assistant. " * 20}
+    first = _parse("/v1/chat/completions", {"model": "m", "messages": [system, {"role": "user", "content": "a" * 200}]}).facts
+    second = _parse("/v1/chat/completions", {"model": "m", "messages": [system, {"role": "user", "content": "b" * 200}]}).facts
+    # 600 bytes of system prompt: the same leading blocks, then they part.
+    shared = sum(1 for a, b in zip(first.blocks, second.blocks) if a == b)
+    assert shared >= 9 and first.blocks != second.blocks
+    assert first.block_tokens == 16 and 190 < first.prompt_tokens < 250  # ~800 bytes / 4
+    # A conversation that grows keeps its earlier blocks as a prefix (multi-turn).
+    turn2 = _parse("/v1/chat/completions", {"model": "m", "messages": [
+        system, {"role": "user", "content": "a" * 200}, {"role": "assistant", "content": "ok"},
+        {"role": "user", "content": "more " * 40},
+    ]}).facts
+    assert turn2.blocks[: len(first.blocks) - 1] == first.blocks[:-1]
+    # Roles count: the same words said by someone else are another prompt.
+    other_role = _parse("/v1/chat/completions", {"model": "m", "messages": [
+        {"role": "user", "content": system["content"]}, {"role": "user", "content": "a" * 200}]}).facts
+    assert other_role.blocks[0] != first.blocks[0]
+    # Equal prompts meet on the same affinity key; a session key overrides it.
+    assert first.affinity_key == second.affinity_key
+    with_session = _parse("/v1/chat/completions", {"model": "m", "user": "alice", "messages": [system]}).facts
+    assert with_session.affinity_key != first.affinity_key
+
+
+def test_parse_survives_a_lone_surrogate() -> None:
+    facts = _parse("/v1/completions", b'{"model": "m", "prompt": "\\ud800 ' + b"x" * 100 + b'"}').facts
+    assert facts.blocks and facts.prompt_tokens > 0
 
 
 @pytest.mark.parametrize(

@@ -25,7 +25,7 @@ def make(n: int, loads: Sequence[int] | None = None) -> list[Candidate]:
     """n candidates sorted by replica_id; ``loads`` go into ``running``."""
     loads = loads if loads is not None else [0] * n
     return [
-        Candidate(replica_id=f"r{i}", url=f"http://127.0.0.1:{8100 + i}", running=loads[i])
+        Candidate(replica_id=f"r{i}", url=f"http://127.0.0.1:{8100 + i}", running=loads[i], load_age_s=0.0)
         for i in range(n)
     ]
 
@@ -118,9 +118,9 @@ def test_least_request_picks_least_loaded_and_orders_by_load() -> None:
 def test_least_request_counts_running_and_waiting() -> None:
     router = build_router("least_request")
     cands = [
-        Candidate("a", "http://a", running=0, waiting=5),
-        Candidate("b", "http://b", running=3, waiting=0),
-        Candidate("c", "http://c", running=2, waiting=2),
+        Candidate("a", "http://a", running=0, waiting=5, load_age_s=0.0),
+        Candidate("b", "http://b", running=3, waiting=0, load_age_s=0.0),
+        Candidate("c", "http://c", running=2, waiting=2, load_age_s=0.0),
     ]
     for _ in range(3):
         assert ids(router.choose(FACTS, cands)) == ["b", "c", "a"]
@@ -239,7 +239,7 @@ def test_build_router_rejects_unknown_name() -> None:
     with pytest.raises(ValueError) as info:
         build_router("x")
     assert str(info.value) == (
-        "unknown router 'x'; choose one of: round_robin, random, least_request, power_of_two"
+        "unknown router 'x'; choose one of: cache_aware, least_request, power_of_two, session_affinity, round_robin, random"
     )
 
 
@@ -251,7 +251,7 @@ def test_routers_package_is_pure_policy() -> None:
     import routers
 
     allowed = {"__future__", "collections", "dataclasses", "typing", "random", "itertools", "math",
-               "hashlib", "heapq", "bisect", "struct", "array", "enum"}
+               "hashlib", "heapq", "bisect", "struct", "array", "enum", "json", "zlib"}
     root = pathlib.Path(routers.__file__).parent
     for path in sorted(root.glob("*.py")):
         for node in ast.walk(ast.parse(path.read_text())):

@@ -22,8 +22,9 @@ from ray import serve
 from ..background import BackgroundLoops
 from ..config import GatewayConfig, load_config
 from ..metrics import FamilyData, MetricsAggregator, render, replica_state_metrics
-from ..replicas import ReplicaState, Snapshot
+from ..replicas import LoadUpdate, ReplicaState, Snapshot
 from .discovery import build_source
+from .load_scraper import LoadScraper
 from .prober import Prober
 from .table import ReplicaTable
 
@@ -62,10 +63,11 @@ class ReplicaHealth:
             connector=aiohttp.TCPConnector(limit=PROBE_CONCURRENCY, keepalive_timeout=4.0)
         )
         self._prober = Prober(self._session, health.probe_timeout_s)
+        self._loads = LoadScraper(self._table.epoch, health.metrics_interval_s)
         self._loops = BackgroundLoops()
         self._loops.start("discovery", build_source(self._config).run(self._table))
         self._loops.start("probes", self._probe_loop())
-        self._loops.start("load", self._load_loop())
+        self._loops.start("load", self._loads.run(self._ready_targets))
 
     def check_health(self) -> None:
         self._loops.check()
@@ -130,19 +132,8 @@ class ReplicaHealth:
 
         await asyncio.gather(*(probe_one(rid) for rid in replica_ids))
 
-    async def _load_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self._config.health.metrics_interval_s)
-            snapshot = self._table.snapshot()
-            ready = [view for view in snapshot.replicas if view.state is ReplicaState.READY]
-            loads = await asyncio.gather(*(self._prober.load(view.url) for view in ready))
-            self._table.set_loads(
-                {
-                    view.replica_id: (load.running, load.waiting, load.kv_cache_usage)
-                    for view, load in zip(ready, loads)
-                    if load is not None
-                }
-            )
+    def _ready_targets(self) -> list[tuple[str, str]]:
+        return [(v.replica_id, v.url) for v in self._table.snapshot().replicas if v.state is ReplicaState.READY]
 
     # -- what ingress replicas call ------------------------------------------------------
 
@@ -163,6 +154,10 @@ class ReplicaHealth:
             except TimeoutError:
                 return None
         return self._table.snapshot()
+
+    async def loads_since(self, epoch: str | None, version: int) -> LoadUpdate | None:
+        """Every READY replica's latest load once a scrape round newer than (epoch, version) lands."""
+        return await self._loads.since(epoch, version)
 
     def report_failure(self, replica_id: str, reason: str) -> None:
         """Passive health from an ingress replica: eject it for everyone."""

@@ -1,4 +1,7 @@
-"""Active checks the health actor makes of each replica: /health, /v1/models, /metrics."""
+"""Active checks the health actor makes of each replica: /health and /v1/models.
+
+(Load scrapes of /metrics run apart, on their own pool: `load_scraper`.)
+"""
 
 from __future__ import annotations
 
@@ -6,7 +9,6 @@ from dataclasses import dataclass
 
 import aiohttp
 
-from .load_metrics import ReplicaLoad, parse_load
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,12 +45,3 @@ class Prober:
             return ProbeResult(False, "health probe timed out")
         except (aiohttp.ClientError, ConnectionError, ValueError) as exc:
             return ProbeResult(False, f"{type(exc).__name__}: {exc}")
-
-    async def load(self, url: str) -> ReplicaLoad | None:
-        try:
-            async with self._session.get(url + "/metrics", timeout=self._timeout) as resp:
-                if resp.status != 200:
-                    return None
-                return parse_load(await resp.text())
-        except (aiohttp.ClientError, ConnectionError, TimeoutError, ValueError):
-            return None  # load is a hint; a failed scrape is not a health verdict

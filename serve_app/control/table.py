@@ -26,9 +26,6 @@ class _Row:
     eject_reason: str = ""
     ejections: int = 0  # consecutive ejections, for exponential backoff
     last_ejected_at: float = 0.0
-    running: int = 0
-    waiting: int = 0
-    kv_cache_usage: float = 0.0
     state: ReplicaState = ReplicaState.PENDING
     reason: str = ""
     since: float = field(default=0.0)
@@ -145,18 +142,6 @@ class ReplicaTable:
         self._eject(row, reason, now)
         self._recompute(row)
 
-    def set_loads(self, loads: dict[str, tuple[int, int, float]]) -> None:
-        """Apply one scrape round (replica_id -> running, waiting, KV usage) as a single change."""
-        changed = False
-        for replica_id, load in loads.items():
-            row = self._rows.get(replica_id)
-            if row is None or (row.running, row.waiting, row.kv_cache_usage) == load:
-                continue
-            row.running, row.waiting, row.kv_cache_usage = load
-            changed = True
-        if changed:
-            self._changed()
-
     def _eject(self, row: _Row, reason: str, now: float) -> None:
         row.ejections += 1
         backoff = min(self._ejection_base_s * 2 ** (row.ejections - 1), self._ejection_max_s)
@@ -236,9 +221,6 @@ class ReplicaTable:
                     reason=row.reason,
                     since=row.since,
                     source=row.endpoint.source,
-                    running=row.running,
-                    waiting=row.waiting,
-                    kv_cache_usage=row.kv_cache_usage,
                 )
                 for rid, row in sorted(self._rows.items())
             )

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import aiohttp
 from starlette.responses import Response, StreamingResponse
 
-from routers import Candidate, Router
+from routers import Candidate, Estimate, Router, RoutingFacts
 
 from ..config import GatewayConfig
 from ..metrics import RequestMetrics
@@ -42,6 +42,24 @@ class Failure(enum.Enum):
     RESET = "connection_reset"
     TIMEOUT = "timeout"
     STATUS = "upstream_status"
+
+
+@dataclass(slots=True)
+class _Feedback:
+    """What a learning router is told about one attempt once it is over."""
+
+    observe: Callable[[RoutingFacts, Estimate, float | None, float | None], None]
+    facts: RoutingFacts
+    estimate: Estimate
+    sent_at: float
+    ttft_s: float | None = None
+
+    def first_byte(self, now: float) -> None:
+        """A stream's first chunk (a non-streamed answer's first byte is its last: no TTFT)."""
+        self.ttft_s = now - self.sent_at
+
+    def finished(self, now: float) -> None:
+        self.observe(self.facts, self.estimate, self.ttft_s, now - self.sent_at)
 
 
 @dataclass(slots=True)
@@ -97,7 +115,11 @@ class Forwarder:
         candidates = self._view.candidates(model, self._inflight.count) or await self._hold(model, started)
         if isinstance(candidates, GatewayError):
             return candidates.response()
-        ordered = router.choose(parsed.facts, candidates)
+        facts = parsed.facts
+        ordered = router.choose(facts, candidates)
+        placed = getattr(router, "placed", None)
+        observe = getattr(router, "observe", None)
+        expected = getattr(ordered, "expected", None)
         retries = self._config.retries
         last: _AttemptError | None = None
         tried: list[Candidate] = []
@@ -106,9 +128,16 @@ class Forwarder:
                 break
             tried.append(candidate)
             lease = self._inflight.acquire(candidate.replica_id)
+            if placed is not None:
+                placed(facts, candidate)
+            feedback = None
+            if observe is not None and expected is not None and candidate.replica_id in expected:
+                estimate = expected[candidate.replica_id]
+                self._metrics.routed(facts.model, estimate.cached_tokens, facts.prompt_tokens)
+                feedback = _Feedback(observe, facts, estimate, time.monotonic())
             try:
                 response = await self._attempt(
-                    candidate, path, body, parsed, request_id, lease, started, len(tried)
+                    candidate, path, body, parsed, request_id, lease, started, len(tried), feedback
                 )
             except _AttemptError as err:
                 lease.release()
@@ -157,6 +186,7 @@ class Forwarder:
         lease: InflightLease,
         started: float,
         attempt: int,
+        feedback: _Feedback | None,
     ) -> Response:
         timeouts = self._config.timeouts
         headers = {"content-type": "application/json", "x-request-id": request_id}
@@ -205,13 +235,18 @@ class Forwarder:
         for name in PASSED_HEADERS:
             if name in upstream.headers:
                 out_headers[name] = upstream.headers[name]
-        self._metrics.first_byte(model, time.monotonic() - started)
+        now = time.monotonic()
+        self._metrics.first_byte(model, now - started)
         if not first:
             lease.release()
             upstream.release()
+            if feedback is not None and upstream.status == 200:
+                feedback.finished(now)
             return Response(data, status_code=upstream.status, headers=out_headers)
+        if feedback is not None:
+            feedback.first_byte(now)
         return StreamingResponse(
-            self._relay(upstream, first, candidate, lease, model, started),
+            self._relay(upstream, first, candidate, lease, model, started, feedback),
             status_code=upstream.status,
             headers=out_headers,
         )
@@ -224,6 +259,7 @@ class Forwarder:
         lease: InflightLease,
         model: str,
         started: float,
+        feedback: _Feedback | None,
     ) -> AsyncIterator[bytes]:
         """Pass stream bytes through untouched; end a broken stream with an error event."""
         idle_s = self._config.timeouts.idle_s
@@ -260,6 +296,8 @@ class Forwarder:
         finally:
             if outcome == "ok":
                 upstream.release()  # fully read: the connection goes back to the pool
+                if feedback is not None:
+                    feedback.finished(time.monotonic())
             else:
                 upstream.close()  # an unfinished body must not return to the pool
             lease.release()

@@ -8,6 +8,7 @@ copy while the actor is away.
 
 import asyncio
 import logging
+import time
 import uuid
 from typing import Any
 
@@ -20,7 +21,7 @@ from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, Response
 
-from routers import ROUTER_NAMES, Router, build_router
+from routers import ROUTER_NAMES, PrefixIndex, Router, build_router
 
 from ..background import BackgroundLoops
 from ..config import GatewayConfig, load_config
@@ -112,7 +113,11 @@ class Gateway:
         )
         self._view = LocalView()
         self._inflight = InflightTracker()
-        self._routers: dict[str, Router] = {name: build_router(name) for name in ROUTER_NAMES}
+        self._index = PrefixIndex(self._config.routing.max_index_blocks)
+        self._routers: dict[str, Router] = {
+            name: build_router(name, max_load_age_s=self._config.max_load_age_s(), index=self._index)
+            for name in ROUTER_NAMES
+        }
         self._metrics = RequestMetrics()
         self._pending_reports: set[asyncio.Task] = set()
         self._forwarder = Forwarder(
@@ -120,6 +125,7 @@ class Gateway:
         )
         self._loops = BackgroundLoops()
         self._loops.start("snapshot-poll", self._poll_snapshots())
+        self._loops.start("load-poll", self._poll_loads())
         self._loops.start("metrics-push", self._push_metrics())
         if not await self._view.wait_for_change(FIRST_SNAPSHOT_WAIT_S):
             log.warning("no replica view after %.0fs; answering 503 until one arrives", FIRST_SNAPSHOT_WAIT_S)
@@ -147,8 +153,33 @@ class Gateway:
             if snapshot is None:
                 continue
             self._view.apply(snapshot)
-            self._inflight.forget(self._view.replica_ids())
+            live = self._view.replica_ids()
+            self._inflight.forget(live)
+            for router in self._routers.values():
+                forget = getattr(router, "forget_replicas", None)
+                if forget is not None:
+                    forget(live)
             epoch, version = snapshot.epoch, snapshot.version
+
+    async def _poll_loads(self) -> None:
+        """Load samples arrive on their own long-poll, several times a second, without the table."""
+        epoch: str | None = None
+        version = -1
+        backoff = 0.05
+        while True:
+            try:
+                update = await self._health.loads_since.remote(epoch, version)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - the actor is away; samples age and stop being trusted
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 2.0)
+                continue
+            backoff = 0.05
+            if update is None:
+                continue
+            self._view.apply_loads(update, self._inflight.count)
+            epoch, version = update.epoch, update.version
 
     async def _push_metrics(self) -> None:
         while True:
@@ -205,7 +236,7 @@ class Gateway:
         try:
             self._check_auth(request)
             body = await self._read_body(request)
-            parsed = parse_request(path, body, request.headers.get(SESSION_HEADER))
+            parsed = parse_request(path, body, request.headers.get(SESSION_HEADER), self._config.routing.block_bytes)
             model = parsed.facts.model
             if not self._view.has_snapshot:
                 raise no_ready_replica(model, "the gateway has no replica view yet", self._config.retry_after_s)
@@ -291,11 +322,36 @@ class Gateway:
                     "message": snapshot.discovery.message,
                 },
                 "replicas": [
-                    {**view.as_dict(), "in_flight_here": self._inflight.count(view.replica_id)}
+                    {
+                        **view.as_dict(),
+                        "in_flight_here": self._inflight.count(view.replica_id),
+                        "load": self._load_dict(view.replica_id),
+                        "prefix_index_blocks": self._index.blocks_of(view.replica_id),
+                    }
                     for view in snapshot.replicas
                 ],
+                "routing": {
+                    "default_router": self._config.router,
+                    "prefix_index": "approximate (learned from this replica's own routing decisions)",
+                    "prefix_index_entries": len(self._index),
+                    "prefix_index_max_entries": self._index.max_blocks,
+                    "prefix_index_bytes_estimate": self._index.memory_bytes(),
+                },
             }
         )
+
+    def _load_dict(self, replica_id: str) -> dict[str, Any] | None:
+        sample = self._view.loads.get(replica_id)
+        if sample is None:
+            return None
+        return {
+            "running": sample.running,
+            "waiting": sample.waiting,
+            "kv_cache_usage": sample.kv_cache_usage,
+            "age_s": round(max(0.0, time.time() - sample.scraped_at), 3),
+            "slots": sample.slots,
+            "cache_tokens": sample.cache_tokens,
+        }
 
     @app.get("/metrics")
     async def metrics(self) -> Response:

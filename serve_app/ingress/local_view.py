@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 from routers import Candidate
 
-from ..replicas import ReplicaState, ReplicaView, Snapshot
+from ..replicas import LoadSample, LoadUpdate, ReplicaState, ReplicaView, Snapshot
 
 
 def _nothing_in_flight(replica_id: str) -> int:
@@ -23,8 +23,12 @@ def _nothing_in_flight(replica_id: str) -> int:
 
 
 class LocalView:
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time) -> None:
         self.snapshot: Snapshot | None = None
+        self.loads: dict[str, LoadSample] = {}
+        self.loads_version: tuple[str, int] | None = None
+        self._scraped_inflight: dict[str, int] = {}  # this replica's in-flight count when each sample arrived
+        self._wall = wall
         self.received_at: float | None = None  # wall clock, for the replica table
         self._ready: dict[str, tuple[ReplicaView, ...]] = {}
         self._coming: frozenset[str] = frozenset()  # models with a PENDING replica
@@ -70,16 +74,41 @@ class LocalView:
     def has_coming(self, model: str) -> bool:
         return model in self._coming
 
+    def apply_loads(self, update: LoadUpdate, inflight: Callable[[str], int] = _nothing_in_flight) -> None:
+        """New load samples; remember this replica's in-flight count as each one arrives,
+        so what it starts or finishes afterwards is counted once (``routers.load``)."""
+        previous = self.loads
+        scraped_inflight = {}
+        for replica_id, sample in update.samples.items():
+            old = previous.get(replica_id)
+            if old is not None and old.scraped_at == sample.scraped_at:
+                scraped_inflight[replica_id] = self._scraped_inflight.get(replica_id, 0)
+            else:
+                scraped_inflight[replica_id] = inflight(replica_id)
+        self.loads = update.samples
+        self._scraped_inflight = scraped_inflight
+        self.loads_version = (update.epoch, update.version)
+
     def candidates(self, model: str, inflight: Callable[[str], int] = _nothing_in_flight) -> list[Candidate]:
-        """READY replicas of ``model`` not ejected here, each with ``inflight(replica_id)``."""
+        """READY replicas of ``model`` not ejected here, with their load as data for routers."""
         views = self._ready.get(model, ())
         if self._ejected_until:
             now = self._clock()
             views = [v for v in views if self._ejected_until.get(v.replica_id, 0.0) <= now]
-        return [
-            Candidate(v.replica_id, v.url, v.running, v.waiting, v.kv_cache_usage, inflight(v.replica_id))
-            for v in views
-        ]
+        loads = self.loads
+        wall = self._wall()
+        out = []
+        for v in views:
+            rid = v.replica_id
+            s = loads.get(rid)
+            if s is None:
+                out.append(Candidate(rid, v.url, inflight=inflight(rid)))
+            else:
+                out.append(Candidate(
+                    rid, v.url, s.running, s.waiting, s.kv_cache_usage, inflight(rid),
+                    max(0.0, wall - s.scraped_at), self._scraped_inflight.get(rid, 0), s.slots, s.cache_tokens,
+                ))
+        return out
 
     def eject_locally(self, replica_id: str, seconds: float) -> None:
         self._ejected_until[replica_id] = self._clock() + seconds

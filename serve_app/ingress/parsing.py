@@ -7,11 +7,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from routers import RoutingFacts
+from routers.prefix import BYTES_PER_TOKEN, DEFAULT_BLOCK_BYTES, render_messages, stable_key, text_blocks
 
 from .errors import bad_request
-
-PREFIX_CHARS = 512  # enough to tell prompts apart for prefix-aware routing, cheap to keep
-
 
 @dataclass(frozen=True, slots=True)
 class ParsedRequest:
@@ -19,39 +17,34 @@ class ParsedRequest:
     stream: bool
 
 
-def _prompt_prefix(path: str, payload: dict[str, Any]) -> str:
+def _prompt_text(path: str, payload: dict[str, Any]) -> str:
+    """The prompt as the replica will read it (chat: every message, roles included, in order)."""
     if path.endswith("/chat/completions"):
         messages = payload.get("messages")
         if not isinstance(messages, list) or not messages:
             raise bad_request("`messages` must be a non-empty array", param="messages")
-        parts: list[str] = []
-        size = 0
         for message in messages:
             if not isinstance(message, dict):
                 raise bad_request("each entry of `messages` must be an object", param="messages")
-            content = message.get("content")
-            text = content if isinstance(content, str) else json.dumps(content) if content else ""
-            parts.append(text)
-            size += len(text)
-            if size >= PREFIX_CHARS:
-                break
-        return "\n".join(parts)[:PREFIX_CHARS]
+        return render_messages(messages)
     if path.endswith("/completions"):
         prompt = payload.get("prompt")
         if prompt is None:
             raise bad_request("`prompt` is required", param="prompt")
         if isinstance(prompt, str):
-            return prompt[:PREFIX_CHARS]
+            return prompt
         if isinstance(prompt, list):
-            return json.dumps(prompt[:1])[:PREFIX_CHARS]
+            return json.dumps(prompt[:1])
         raise bad_request("`prompt` must be a string or an array", param="prompt")
     inp = payload.get("input")  # embeddings
     if inp is None:
         raise bad_request("`input` is required", param="input")
-    return (inp if isinstance(inp, str) else json.dumps(inp))[:PREFIX_CHARS]
+    return inp if isinstance(inp, str) else json.dumps(inp)
 
 
-def parse_request(path: str, body: bytes, session_header: str | None) -> ParsedRequest:
+def parse_request(
+    path: str, body: bytes, session_header: str | None, block_bytes: int = DEFAULT_BLOCK_BYTES
+) -> ParsedRequest:
     """Validate the routing fields; raise a 400 GatewayError on anything malformed."""
     if not body:
         raise bad_request("request body is empty; expected a JSON object")
@@ -73,5 +66,23 @@ def parse_request(path: str, body: bytes, session_header: str | None) -> ParsedR
         raise bad_request("embeddings do not support `stream`", param="stream")
     user = payload.get("user")
     session_key = session_header or (user if isinstance(user, str) and user else None)
-    facts = RoutingFacts(model=model, prefix=_prompt_prefix(path, payload), session_key=session_key)
+    text = _prompt_text(path, payload)
+    blocks = text_blocks(text, block_bytes)
+    if session_key is not None:
+        affinity = stable_key(session_key)
+    else:
+        affinity = blocks[0] & 0xFFFFFFFF if blocks else stable_key(text)
+    facts = RoutingFacts(
+        model=model,
+        session_key=session_key,
+        blocks=tuple(blocks),
+        block_tokens=max(1, round(block_bytes / BYTES_PER_TOKEN)),
+        prompt_tokens=round(len(text) / BYTES_PER_TOKEN * _bytes_per_char(text)),
+        affinity_key=affinity,
+    )
     return ParsedRequest(facts=facts, stream=stream)
+
+
+def _bytes_per_char(text: str) -> float:
+    """Prompt length is estimated from bytes (the blocks are bytes); most prompts are ASCII."""
+    return 1.0 if text.isascii() else len(text.encode("utf-8", "surrogatepass")) / max(1, len(text))

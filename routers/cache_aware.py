@@ -1,0 +1,156 @@
+"""Cache- and load-aware routing: the replica with the lowest expected time to first token.
+
+For each candidate (filter -> score -> pick, as in llm-d's endpoint picker):
+
+    cost = queue wait (its load vs its running slots)
+         + base + prefill of the prompt tokens it does not hold (prefix index)
+
+in seconds, with rates learned from what the gateway measures (``latency``). One
+number, no threshold switch: a hot prefix stays on its holder while waiting there is
+cheaper than a cold prefill elsewhere, and spreads to another replica (which then holds
+it too) once it is not, so one system prompt cannot herd all traffic onto one replica.
+A prompt that no replica holds costs the same prefill everywhere, so the least loaded
+replica wins.
+
+Ties are broken by load, then by how full the replica's modelled cache is (new
+prefixes pack onto replicas with room before evicting others'), then by a rendezvous
+hash of the request's affinity key, so ingress replicas that know the same place the
+same prompt alike.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from .base import Candidate, Estimate, Ranking, RoutingFacts
+from .latency import LatencyModel
+from .load import DEFAULT_MAX_LOAD_AGE_S
+from .prefix_index import DEFAULT_MAX_BLOCKS, PrefixIndex
+from .rendezvous import StableIds, weight
+
+DEFAULT_SLOTS = 8  # running slots assumed until a replica is seen saturated
+MAX_ESTIMATES = 10  # estimates kept for the first candidates: the most attempts forwarding makes
+TIE_S = 1e-9
+MAX_MODELS = 1024  # latency models kept; model names come from requests
+
+
+class CacheAwareRouter:
+    """Lowest expected TTFT first; learns its rates from ``observe``; records placements in its index."""
+
+    name = "cache_aware"
+
+    def __init__(
+        self,
+        index: PrefixIndex | None = None,
+        *,
+        max_load_age_s: float = DEFAULT_MAX_LOAD_AGE_S,
+        learn_placements: bool = True,
+    ) -> None:
+        self.index = index if index is not None else PrefixIndex(DEFAULT_MAX_BLOCKS)
+        self._max_load_age_s = max_load_age_s
+        # Approximate mode learns from its own placements; precise mode (KV events
+        # feed the index) must not: a placement is a guess, an event is a fact.
+        self._learn_placements = learn_placements
+        self._models: dict[str, LatencyModel] = {}
+        self._ids = StableIds()
+
+    def latency(self, model: str) -> LatencyModel:
+        found = self._models.get(model)
+        if found is None:
+            if len(self._models) >= MAX_MODELS:
+                del self._models[next(iter(self._models))]
+            found = self._models[model] = LatencyModel()
+        return found
+
+    def choose(self, facts: RoutingFacts, candidates: Sequence[Candidate]) -> Ranking:
+        # The request path at hundreds of replicas: one flat pass, no per-candidate objects.
+        n = len(candidates)
+        latency = self.latency(facts.model)
+        matched = self.index.match(facts.blocks) if facts.blocks else {}
+        per_block = facts.block_tokens
+        prompt = facts.prompt_tokens
+        service = latency.service_s
+        base = latency.base_s
+        rate = latency.prefill_s_per_token
+        cold = base + rate * prompt
+        max_age = self._max_load_age_s
+        costs: list[float] = []
+        loads: list[int] = []
+        waits: list[float] = []
+        for c in candidates:
+            load = c.inflight  # load.load_of, inlined
+            age = c.load_age_s
+            if age is not None and age <= max_age:
+                scraped = c.running + c.waiting + load - c.scraped_inflight
+                if scraped > load:
+                    load = scraped
+            slots = c.slots or DEFAULT_SLOTS
+            wait = (load + 1 - slots) * service / slots if load >= slots else 0.0
+            if matched and c.replica_id in matched:
+                cached = matched[c.replica_id] * per_block
+                costs.append(wait + base + rate * (prompt - cached if cached < prompt else 0))
+            else:
+                costs.append(wait + cold)
+            loads.append(load)
+            waits.append(wait)
+        order = sorted(range(n), key=costs.__getitem__)
+        if n > 1:
+            self._break_ties(order, costs, loads, candidates, facts, per_block)
+        expected: dict[str, Estimate] = {}
+        for i in order[:MAX_ESTIMATES]:
+            c = candidates[i]
+            held = matched.get(c.replica_id, 0) if matched else 0
+            cached = min(prompt, held * per_block)
+            expected[c.replica_id] = Estimate(cached, prompt - cached, waits[i], costs[i])
+        return Ranking([candidates[i] for i in order], expected)
+
+    def _break_ties(
+        self, order: list[int], costs: list[float], loads: list[int],
+        candidates: Sequence[Candidate], facts: RoutingFacts, per_block: int,
+    ) -> None:
+        """Among the cheapest (equal cost): least loaded, then most cache room, then rendezvous."""
+        best = costs[order[0]] + TIE_S
+        k = 1
+        while k < len(order) and costs[order[k]] <= best:
+            k += 1
+        if k == 1:
+            return
+        tied = order[:k]
+        low = min(loads[i] for i in tied)
+        first = [i for i in tied if loads[i] == low]
+        if len(first) > 1:
+            index = self.index
+            key = facts.affinity_key
+            ids = self._ids
+
+            def rank(i: int) -> tuple[int, int]:
+                c = candidates[i]
+                fill = 0
+                if c.cache_tokens:
+                    fill = min(10, 10 * index.blocks_of(c.replica_id) * per_block // c.cache_tokens)
+                return fill, -weight(ids.of(c.replica_id), key)
+
+            first.sort(key=rank)
+        rest = [i for i in tied if loads[i] != low]
+        rest.sort(key=loads.__getitem__)
+        order[:k] = first + rest
+
+    def placed(self, facts: RoutingFacts, candidate: Candidate) -> None:
+        if not facts.blocks or not self._learn_placements:
+            return
+        if candidate.cache_tokens:
+            self.index.set_capacity(candidate.replica_id, candidate.cache_tokens // max(1, facts.block_tokens))
+        self.index.add(candidate.replica_id, facts.blocks)
+
+    def observe(self, facts: RoutingFacts, estimate: Estimate, ttft_s: float | None, duration_s: float | None) -> None:
+        latency = self.latency(facts.model)
+        if ttft_s is not None and estimate.wait_s == 0.0:
+            latency.observe_ttft(estimate.uncached_tokens, ttft_s)
+        if duration_s is not None:
+            latency.observe_duration(duration_s)
+
+    def forget_replicas(self, keep: Sequence[str]) -> None:
+        """Replicas not in ``keep`` are gone: drop their index entries."""
+        self.index.retain(keep)
+        self._ids.retain(keep)
+
