@@ -1,0 +1,74 @@
+"""Cache-aware routing end to end: real Ray Serve, simulator processes, the OpenAI SDK."""
+
+from __future__ import annotations
+
+import concurrent.futures
+from collections import Counter
+
+import httpx
+
+from tests.support import wait_until
+
+MODEL = "sim-model"
+SYSTEM = {"role": "system", "content": "You are a meticulous assistant for the routing tests. " * 40}
+
+
+def ask(gw, question: str, max_tokens: int = 2, system: dict = SYSTEM, **kwargs) -> str:
+    """One chat through the gateway; returns the replica that served it."""
+    raw = gw.sdk().chat.completions.with_raw_response.create(
+        model=MODEL, messages=[system, {"role": "user", "content": question}], max_tokens=max_tokens, **kwargs
+    )
+    assert raw.http_response.status_code == 200
+    assert raw.parse().choices[0].message.content
+    return raw.headers["x-gateway-replica"]
+
+
+def test_requests_sharing_a_prefix_land_on_the_replica_that_holds_it(simulators, gateway) -> None:
+    sims = simulators(3)
+    gw = gateway([s.url for s in sims])  # the default router
+    gw.wait_states({s.url: "READY" for s in sims})
+    assert gw.table()["routing"]["default_router"] == "cache_aware"
+    served = Counter(ask(gw, f"question number {i}?") for i in range(12))
+    assert len(served) == 1, served
+    (holder,) = served
+    # The holder's simulator did the reuse: 11 of 12 prompts found the system prompt cached.
+    sim = next(s for s in sims if s.url == holder)
+    stats = httpx.get(sim.url + "/sim/stats", timeout=5).json()
+    assert stats["prefix_hits_tokens"] >= 0.8 * stats["prefix_queries_tokens"]
+    # Another system prompt is another prefix: it may go anywhere, and then sticks too.
+    other = {"role": "system", "content": "An entirely different preamble for another tenant. " * 40}
+    second = Counter(ask(gw, f"q{i}", system=other) for i in range(6))
+    assert len(second) == 1, second
+
+
+def test_a_saturated_holder_spreads_its_prefix(simulators, gateway) -> None:
+    sims = simulators(2, "--max-num-seqs", "2", "--itl", "0.05")
+    gw = gateway([s.url for s in sims])
+    gw.wait_states({s.url: "READY" for s in sims})
+    holder = ask(gw, "warm up")
+    assert ask(gw, "still cached there") == holder
+    # Other clients of the holder (say, another gateway) fill its two slots and queue two more.
+    payload = {"model": MODEL, "messages": [SYSTEM, {"role": "user", "content": "tell a long story"}],
+               "max_tokens": 100, "stream": True}
+
+    def long_stream() -> bytes:
+        with httpx.stream("POST", holder + "/v1/chat/completions", json=payload, timeout=60) as resp:
+            assert resp.status_code == 200
+            return b"".join(resp.iter_raw())
+
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        streams = [pool.submit(long_stream) for _ in range(4)]
+
+        def holder_seen_saturated() -> bool:
+            row = next(r for r in gw.table()["replicas"] if r["replica_id"] == holder)
+            load = row["load"] or {}
+            return load.get("slots") == 2 and load.get("waiting", 0) > 0
+
+        wait_until(holder_seen_saturated, 20, "the gateway to see the holder queueing")
+        # Waiting behind the holder's queue now costs more than a cold prefill elsewhere.
+        spread = ask(gw, "a new question with the same preamble")
+        assert spread != holder
+        assert all(f.result(timeout=60).endswith(b"data: [DONE]\n\n") for f in streams)
+    # Idle again: both replicas now hold the prefix, and it stays on one of them.
+    wait_until(lambda: all((r["load"] or {}).get("running", 1) == 0 for r in gw.table()["replicas"]), 20, "idle")
+    assert ask(gw, "and one more") in {holder, spread}
