@@ -44,13 +44,15 @@ class CacheAwareRouter:
         index: PrefixIndex | None = None,
         *,
         max_load_age_s: float = DEFAULT_MAX_LOAD_AGE_S,
-        learn_placements: bool = True,
+        model_capacity: bool = True,
     ) -> None:
         self.index = index if index is not None else PrefixIndex(DEFAULT_MAX_BLOCKS)
         self._max_load_age_s = max_load_age_s
-        # Approximate mode learns from its own placements; precise mode (KV events
-        # feed the index) must not: a placement is a guess, an event is a fact.
-        self._learn_placements = learn_placements
+        # Placements are recorded in both modes (a burst of a new prefix must find where
+        # its first request went before the replica's event arrives). Only the
+        # approximate mode also models each replica's cache size; with KV events the
+        # replica itself says what it evicted.
+        self._model_capacity = model_capacity
         self._models: dict[str, LatencyModel] = {}
         self._ids = StableIds()
 
@@ -136,9 +138,9 @@ class CacheAwareRouter:
         order[:k] = first + rest
 
     def placed(self, facts: RoutingFacts, candidate: Candidate) -> None:
-        if not facts.blocks or not self._learn_placements:
+        if not facts.blocks:
             return
-        if candidate.cache_tokens:
+        if self._model_capacity and candidate.cache_tokens:
             self.index.set_capacity(candidate.replica_id, candidate.cache_tokens // max(1, facts.block_tokens))
         self.index.add(candidate.replica_id, facts.blocks)
 

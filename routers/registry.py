@@ -30,19 +30,19 @@ def build_router(
     *,
     max_load_age_s: float = DEFAULT_MAX_LOAD_AGE_S,
     index: PrefixIndex | None = None,
-    learn_placements: bool = True,
+    model_capacity: bool = True,
 ) -> Router:
     """The router called ``name``.
 
     ``rng`` seeds the randomised ones (tests pass a seeded one); ``index`` is the
     prefix index cache_aware reads (shared with a KV-event consumer in precise mode,
-    where ``learn_placements`` is off).
+    where the replicas report evictions, so ``model_capacity`` is off).
     """
     if name == "cache_aware":
         return CacheAwareRouter(
             index if index is not None else PrefixIndex(DEFAULT_MAX_BLOCKS),
             max_load_age_s=max_load_age_s,
-            learn_placements=learn_placements,
+            model_capacity=model_capacity,
         )
     if name == "least_request":
         return LeastRequestRouter(max_load_age_s=max_load_age_s)

@@ -108,6 +108,35 @@ class Health(_Strict):
     ejection_max_s: float = Field(default=60.0, gt=0)
 
 
+class KVEvents(_Strict):
+    """Precise prefix routing: consume the replicas' KV cache events (vLLM `--kv-events-config`).
+
+    Each vLLM replica runs with e.g. `--kv-events-config '{"enable_kv_cache_events": true,
+    "publisher": "zmq", "endpoint": "tcp://*:5557", "replay_endpoint": "tcp://*:5558"}'`;
+    every ingress replica subscribes to each READY replica at its pod IP on these ports.
+    """
+
+    enabled: bool = False
+    port: int = Field(default=5557, ge=1, le=65535, description="The replicas' event PUB port.")
+    port_offset: int | None = Field(
+        default=None, ge=-65535, le=65535,
+        description="If set, the event port is the replica's HTTP port plus this (several replicas on one host).",
+    )
+    replay: bool = Field(default=True, description="Replay missed batches from the replay socket at the event port + 1.")
+    topic: str = ""
+    block_size: int = Field(default=16, ge=1, description="The engines' KV block size (vLLM on CPU: 128).")
+
+
+class Tokenizer(_Strict):
+    """How the gateway turns a prompt into the replicas' token ids (needed for KV events).
+
+    `none`: no tokenizer; the prefix index works on text blocks and learns from the
+    gateway's own placements. `vllm_sim`: the simulator's documented word tokenizer.
+    """
+
+    kind: Literal["none", "vllm_sim"] = "none"
+
+
 class Routing(_Strict):
     """How cache- and load-aware routing sees prompts and load."""
 
@@ -123,6 +152,13 @@ class Routing(_Strict):
         default=None, gt=0,
         description="Scraped load older than this is not trusted; null: 5 scrape intervals (at least 1 s).",
     )
+    tokenizer: Tokenizer = Field(default_factory=Tokenizer)
+    kv_events: KVEvents = Field(default_factory=KVEvents)
+
+    @property
+    def precise(self) -> bool:
+        """KV events are consumed only when prompts can be tokenised like the replicas do."""
+        return self.kv_events.enabled and self.tokenizer.kind != "none"
 
 
 class GatewayConfig(_Strict):

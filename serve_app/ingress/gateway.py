@@ -29,8 +29,10 @@ from ..metrics import UNKNOWN_MODEL, RequestMetrics
 from .errors import GatewayError, bad_request, error_body, model_not_found, no_ready_replica
 from .forwarding import Forwarder
 from .inflight import InflightTracker
+from .kv_events import KVEventConsumer
 from .local_view import LocalView
 from .parsing import parse_request
+from .tokenizer import build_tokenizer
 
 log = logging.getLogger("ray.serve")
 
@@ -113,11 +115,16 @@ class Gateway:
         )
         self._view = LocalView()
         self._inflight = InflightTracker()
-        self._index = PrefixIndex(self._config.routing.max_index_blocks)
+        routing = self._config.routing
+        self._index = PrefixIndex(routing.max_index_blocks)
         self._routers: dict[str, Router] = {
-            name: build_router(name, max_load_age_s=self._config.max_load_age_s(), index=self._index)
+            name: build_router(
+                name, max_load_age_s=self._config.max_load_age_s(), index=self._index, model_capacity=not routing.precise
+            )
             for name in ROUTER_NAMES
         }
+        self._tokenizer = build_tokenizer(routing.tokenizer)
+        self._kv_events = KVEventConsumer(routing.kv_events, self._index) if routing.precise else None
         self._metrics = RequestMetrics()
         self._pending_reports: set[asyncio.Task] = set()
         self._forwarder = Forwarder(
@@ -159,6 +166,8 @@ class Gateway:
                 forget = getattr(router, "forget_replicas", None)
                 if forget is not None:
                     forget(live)
+            if self._kv_events is not None:
+                self._kv_events.sync(self._view.ready_replicas())
             epoch, version = snapshot.epoch, snapshot.version
 
     async def _poll_loads(self) -> None:
@@ -236,7 +245,11 @@ class Gateway:
         try:
             self._check_auth(request)
             body = await self._read_body(request)
-            parsed = parse_request(path, body, request.headers.get(SESSION_HEADER), self._config.routing.block_bytes)
+            routing = self._config.routing
+            parsed = parse_request(
+                path, body, request.headers.get(SESSION_HEADER), routing.block_bytes,
+                self._tokenizer, routing.kv_events.block_size,
+            )
             model = parsed.facts.model
             if not self._view.has_snapshot:
                 raise no_ready_replica(model, "the gateway has no replica view yet", self._config.retry_after_s)
@@ -327,18 +340,28 @@ class Gateway:
                         "in_flight_here": self._inflight.count(view.replica_id),
                         "load": self._load_dict(view.replica_id),
                         "prefix_index_blocks": self._index.blocks_of(view.replica_id),
+                        "kv_events": self._kv_events.status(view.replica_id) if self._kv_events else None,
                     }
                     for view in snapshot.replicas
                 ],
                 "routing": {
                     "default_router": self._config.router,
-                    "prefix_index": "approximate (learned from this replica's own routing decisions)",
+                    "prefix_index": self._index_mode(),
                     "prefix_index_entries": len(self._index),
                     "prefix_index_max_entries": self._index.max_blocks,
                     "prefix_index_bytes_estimate": self._index.memory_bytes(),
                 },
             }
         )
+
+    def _index_mode(self) -> str:
+        routing = self._config.routing
+        if routing.precise:
+            return "precise: the replicas' KV events, plus this replica's own placements until they confirm them"
+        why = "routing.kv_events.enabled is false" if not routing.kv_events.enabled else (
+            "KV events are on but routing.tokenizer.kind is none: requests cannot be keyed like the replicas' blocks"
+        )
+        return f"approximate: learned from this replica's own routing decisions ({why})"
 
     def _load_dict(self, replica_id: str) -> dict[str, Any] | None:
         sample = self._view.loads.get(replica_id)
@@ -367,5 +390,7 @@ class Gateway:
 
     async def __del__(self) -> None:
         self._loops.cancel()
+        if self._kv_events is not None:
+            self._kv_events.close()
         await self._session.close()
 

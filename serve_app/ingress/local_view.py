@@ -119,5 +119,11 @@ class LocalView:
     def ready_models(self) -> list[str]:
         return sorted(model for model, cands in self._ready.items() if cands)
 
+    def ready_replicas(self) -> list[tuple[str, str]]:
+        """(replica_id, url) of every READY replica, whatever its models."""
+        if self.snapshot is None:
+            return []
+        return [(v.replica_id, v.url) for v in self.snapshot.replicas if v.state is ReplicaState.READY]
+
     def replica_ids(self) -> list[str]:
         return [view.replica_id for view in self.snapshot.replicas] if self.snapshot else []

@@ -7,9 +7,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from routers import RoutingFacts
-from routers.prefix import BYTES_PER_TOKEN, DEFAULT_BLOCK_BYTES, render_messages, stable_key, text_blocks
+from routers.prefix import BYTES_PER_TOKEN, DEFAULT_BLOCK_BYTES, render_messages, stable_key, text_blocks, token_blocks
 
 from .errors import bad_request
+from .tokenizer import PromptTokenizer
 
 @dataclass(frozen=True, slots=True)
 class ParsedRequest:
@@ -43,9 +44,18 @@ def _prompt_text(path: str, payload: dict[str, Any]) -> str:
 
 
 def parse_request(
-    path: str, body: bytes, session_header: str | None, block_bytes: int = DEFAULT_BLOCK_BYTES
+    path: str,
+    body: bytes,
+    session_header: str | None,
+    block_bytes: int = DEFAULT_BLOCK_BYTES,
+    tokenizer: PromptTokenizer | None = None,
+    block_size: int = 16,
 ) -> ParsedRequest:
-    """Validate the routing fields; raise a 400 GatewayError on anything malformed."""
+    """Validate the routing fields; raise a 400 GatewayError on anything malformed.
+
+    With a ``tokenizer`` the prompt's blocks are keyed by token ids in ``block_size``
+    blocks (they match the replicas' KV events); without one, by text blocks.
+    """
     if not body:
         raise bad_request("request body is empty; expected a JSON object")
     try:
@@ -67,7 +77,19 @@ def parse_request(
     user = payload.get("user")
     session_key = session_header or (user if isinstance(user, str) and user else None)
     text = _prompt_text(path, payload)
-    blocks = text_blocks(text, block_bytes)
+    ids = None
+    if tokenizer is not None:
+        try:
+            ids = _token_ids(path, payload, tokenizer)
+        except Exception:  # noqa: BLE001 - odd content the replica will judge; route on text instead
+            ids = None
+    if ids is not None:
+        blocks = token_blocks(ids, block_size)
+        block_tokens, prompt_tokens = block_size, len(ids)
+    else:
+        blocks = text_blocks(text, block_bytes)
+        block_tokens = max(1, round(block_bytes / BYTES_PER_TOKEN))
+        prompt_tokens = round(len(text) / BYTES_PER_TOKEN * _bytes_per_char(text))
     if session_key is not None:
         affinity = stable_key(session_key)
     else:
@@ -76,11 +98,22 @@ def parse_request(
         model=model,
         session_key=session_key,
         blocks=tuple(blocks),
-        block_tokens=max(1, round(block_bytes / BYTES_PER_TOKEN)),
-        prompt_tokens=round(len(text) / BYTES_PER_TOKEN * _bytes_per_char(text)),
+        block_tokens=block_tokens,
+        prompt_tokens=prompt_tokens,
         affinity_key=affinity,
     )
     return ParsedRequest(facts=facts, stream=stream)
+
+
+def _token_ids(path: str, payload: dict[str, Any], tokenizer: PromptTokenizer) -> list[int] | None:
+    """The replica's token ids for chat and completions prompts (None: not a prompt we tokenise)."""
+    if path.endswith("/chat/completions"):
+        return tokenizer.chat(payload["messages"])
+    if path.endswith("/completions"):
+        prompt = payload["prompt"]
+        if isinstance(prompt, str) or (isinstance(prompt, list) and all(type(t) is int for t in prompt)):
+            return tokenizer.completion(prompt)
+    return None
 
 
 def _bytes_per_char(text: str) -> float:

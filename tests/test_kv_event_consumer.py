@@ -1,0 +1,128 @@
+"""The gateway's KV-event consumer against the simulator as a real process (vLLM's wire format)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import httpx
+import pytest
+
+from routers import PrefixIndex
+from routers.prefix import token_blocks
+from serve_app.config import KVEvents
+from serve_app.ingress.kv_events import KVEventConsumer
+from vllm_sim.testing import SimulatorProcess, free_port
+from vllm_sim.tokenizer import prompt_token_ids_for_chat
+
+MODEL = "sim-model"
+
+
+def events_sim(http_port: int, offset: int) -> SimulatorProcess:
+    """A simulator publishing KV events at http port + offset, replay at + offset + 1."""
+    config = {
+        "enable_kv_cache_events": True,
+        "publisher": "zmq",
+        "endpoint": f"tcp://*:{http_port + offset}",
+        "replay_endpoint": f"tcp://*:{http_port + offset + 1}",
+    }
+    return SimulatorProcess(
+        ["--model", MODEL, "--ttft", "0", "--itl", "0", "--kv-events-config", json.dumps(config)], port=http_port
+    )
+
+
+def messages(topic: str) -> list[dict]:
+    return [{"role": "system", "content": f"{topic} " * 200}, {"role": "user", "content": "go"}]
+
+
+def keys_of(topic: str) -> list[int]:
+    return token_blocks(prompt_token_ids_for_chat(messages(topic)), 16)
+
+
+async def chat(sim: SimulatorProcess, topic: str) -> None:
+    async with httpx.AsyncClient(timeout=30) as client:
+        resp = await client.post(sim.url + "/v1/chat/completions",
+                                 json={"model": MODEL, "messages": messages(topic), "max_tokens": 2})
+        assert resp.status_code == 200
+
+
+async def until(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+@pytest.fixture
+def offset_and_port():
+    port = free_port()
+    offset = free_port() - port  # any two free ports: the event port is found from the HTTP port
+    return port, offset
+
+
+@pytest.mark.asyncio
+async def test_events_arrive_late_joiners_replay_and_restarts_clear(offset_and_port) -> None:
+    port, offset = offset_and_port
+    sim = events_sim(port, offset)
+    sim.start().wait_ready(timeout=30)
+    index = PrefixIndex(100_000)
+    consumer = KVEventConsumer(KVEvents(enabled=True, port_offset=offset), index)
+    try:
+        # Published before anyone listened: only the replay socket still has it.
+        await chat(sim, "alpha")
+        consumer.sync([(sim.url, sim.url)])
+        alpha = keys_of("alpha")
+        # The next batch shows a gap from 0: the consumer replays what it missed.
+        await chat(sim, "beta")
+        beta = keys_of("beta")
+        await until(lambda: index.match(beta).get(sim.url) == len(beta), 10, "beta's blocks from the live stream")
+        assert index.match(alpha).get(sim.url) == len(alpha)
+        status = consumer.status(sim.url)
+        assert status["replays"] >= 1 and status["replayed_batches"] >= 1 and status["unknown_parents"] == 0
+
+        # The cache is reset: AllBlocksCleared empties the replica's entries.
+        async with httpx.AsyncClient() as client:
+            assert (await client.post(sim.url + "/reset_prefix_cache")).status_code == 200
+        await until(lambda: index.blocks_of(sim.url) == 0, 10, "AllBlocksCleared")
+
+        # A restarted replica starts from sequence 0 with an empty cache: what we knew goes.
+        await chat(sim, "gamma")
+        gamma = keys_of("gamma")
+        await until(lambda: index.match(gamma).get(sim.url) == len(gamma), 10, "gamma")
+        sim.restart().wait_ready(timeout=30)
+        await chat(sim, "delta")
+        delta = keys_of("delta")
+        await until(lambda: index.match(delta).get(sim.url) == len(delta), 15, "delta after the restart")
+        assert index.match(gamma) == {}
+        assert consumer.status(sim.url)["restarts_seen"] == 1
+    finally:
+        consumer.close()
+        sim.stop()
+
+
+@pytest.mark.asyncio
+async def test_evictions_reach_the_index(offset_and_port) -> None:
+    port, offset = offset_and_port
+    config = {"enable_kv_cache_events": True, "endpoint": f"tcp://*:{port + offset}",
+              "replay_endpoint": f"tcp://*:{port + offset + 1}"}
+    # Room for about one 200-word prompt (13 blocks of 16): the next one evicts it.
+    sim = SimulatorProcess(["--model", MODEL, "--ttft", "0", "--itl", "0", "--num-gpu-blocks", "20",
+                            "--max-model-len", "300", "--kv-events-config", json.dumps(config)], port=port)
+    sim.start().wait_ready(timeout=30)
+    index = PrefixIndex(100_000)
+    consumer = KVEventConsumer(KVEvents(enabled=True, port_offset=offset), index)
+    try:
+        consumer.sync([(sim.url, sim.url)])
+        await asyncio.sleep(0)  # let the subscriber start before the first batch
+        await chat(sim, "one")
+        one = keys_of("one")
+        await until(lambda: index.match(one).get(sim.url) == len(one), 10, "one's blocks")
+        await chat(sim, "two")
+        two = keys_of("two")
+        await until(lambda: index.match(two).get(sim.url) == len(two), 10, "two's blocks")
+        await until(lambda: index.match(one).get(sim.url, 0) < len(one), 10, "one's blocks evicted")
+    finally:
+        consumer.close()
+        sim.stop()
