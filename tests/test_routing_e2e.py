@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import concurrent.futures
+import json
 from collections import Counter
+from collections.abc import Callable, Iterator
 
 import httpx
+import pytest
+
+from vllm_sim.testing import SimulatorProcess, free_port
 
 from tests.support import wait_until
 
@@ -72,3 +77,57 @@ def test_a_saturated_holder_spreads_its_prefix(simulators, gateway) -> None:
     # Idle again: both replicas now hold the prefix, and it stays on one of them.
     wait_until(lambda: all((r["load"] or {}).get("running", 1) == 0 for r in gw.table()["replicas"]), 20, "idle")
     assert ask(gw, "and one more") in {holder, spread}
+
+
+@pytest.fixture
+def event_simulators() -> Iterator[Callable[[int, int], list[SimulatorProcess]]]:
+    """Simulators that publish KV events at their HTTP port + offset; stopped by PID."""
+    started: list[SimulatorProcess] = []
+
+    def start(count: int, offset: int) -> list[SimulatorProcess]:
+        for _ in range(count):
+            port = free_port()
+            events = {"enable_kv_cache_events": True, "endpoint": f"tcp://*:{port + offset}",
+                      "replay_endpoint": f"tcp://*:{port + offset + 1}"}
+            sim = SimulatorProcess(["--model", MODEL, "--ttft", "0.01", "--itl", "0.002",
+                                    "--kv-events-config", json.dumps(events)], port=port)
+            started.append(sim)
+            sim.start()
+        for sim in started:
+            sim.wait_ready(timeout=30)
+        return started
+
+    yield start
+    for sim in started:
+        sim.stop()
+
+
+def test_precise_mode_follows_kv_events_with_several_ingress_replicas(event_simulators, gateway) -> None:
+    offset = 7  # each simulator publishes at its HTTP port + 7 (replay at + 8)
+    sims = event_simulators(3, offset)
+    gw = gateway(
+        [s.url for s in sims],
+        ingress_replicas=2,
+        routing={"tokenizer": {"kind": "vllm_sim"}, "kv_events": {"enabled": True, "port_offset": offset}},
+    )
+    gw.wait_states({s.url: "READY" for s in sims})
+    table = gw.table()
+    assert table["routing"]["prefix_index"].startswith("precise")
+    # Place the prefix directly on one replica, behind the gateway's back: only its
+    # KV events can tell the gateway where it is.
+    target = sims[1]
+    warm = httpx.post(target.url + "/v1/chat/completions", timeout=30, json={
+        "model": MODEL, "messages": [SYSTEM, {"role": "user", "content": "warm"}], "max_tokens": 2})
+    assert warm.status_code == 200
+
+    def every_ingress_knows() -> bool:
+        tables = [gw.table() for _ in range(8)]  # requests reach both ingress replicas
+        seen = {t["ingress_replica"]: t for t in tables}
+        return len(seen) == 2 and all(
+            next(r for r in t["replicas"] if r["replica_id"] == target.url)["prefix_index_blocks"] > 0
+            for t in seen.values()
+        )
+
+    wait_until(every_ingress_knows, 20, "both ingress replicas to learn the target's blocks from its events")
+    served = Counter(ask(gw, f"question {i}") for i in range(10))
+    assert served == {target.url: 10}
