@@ -384,10 +384,14 @@ def test_max_num_seqs_queues_excess_requests(spawn) -> None:
         thread.start()
 
     def loaded_scrape() -> str | None:
+        # As in vLLM, a request that arrives mid-step waits for the next step even when a
+        # slot is free, so poll for the scrape that shows both slots busy and a queue.
         text = sim.metrics_text()
-        return text if (metric_value(text, "vllm:num_requests_waiting") or 0) > 0 else None
+        waiting = metric_value(text, "vllm:num_requests_waiting") or 0
+        running = metric_value(text, "vllm:num_requests_running", model_name=MODEL, engine="0")
+        return text if waiting > 0 and running == 2 else None
 
-    text = wait_until(loaded_scrape, what="num_requests_waiting > 0")
+    text = wait_until(loaded_scrape, what="num_requests_waiting > 0 with both slots running")
     assert metric_value(text, "vllm:num_requests_running", model_name=MODEL, engine="0") == 2
     assert metric_value(text, "vllm:kv_cache_usage_perc", model_name=MODEL) > 0
     for thread in threads:

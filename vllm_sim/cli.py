@@ -8,6 +8,7 @@ from collections.abc import Sequence
 
 from .config import SimConfig
 from .faults import Faults
+from .kv_events import KVEventsConfig, parse_kv_events_config
 from .lifecycle import serve
 
 
@@ -15,7 +16,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m vllm_sim",
         description="A simulated vLLM OpenAI-compatible server (no GPU): real HTTP, "
-        "deterministic output, vLLM's timing, queueing, metrics, shutdown and faults.",
+        "deterministic output, a step-based scheduler over a KV block cache with prefix "
+        "caching, vLLM's metrics and KV cache events, shutdown modes and faults.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     server = p.add_argument_group("server")
@@ -38,23 +40,45 @@ def build_parser() -> argparse.ArgumentParser:
     model = p.add_argument_group("model and engine")
     model.add_argument("--max-model-len", type=int, default=4096, help="context length in tokens")
     model.add_argument("--ttft", type=float, default=0.05, metavar="SECONDS",
-                       help="time to first token (base prefill time)")
+                       help="per-request latency before a request reaches the engine queue "
+                       "(tokenisation, API server); a lone request's TTFT is this plus its "
+                       "uncached prompt tokens x --prefill-per-token")
     model.add_argument("--itl", type=float, default=0.01, metavar="SECONDS",
-                       help="inter-token latency")
+                       help="time of a decode step with one running sequence (inter-token latency)")
+    model.add_argument("--decode-per-seq", type=float, default=0.0, metavar="SECONDS",
+                       help="extra step time per additional decoding sequence, so bigger "
+                       "batches decode slower (0 = batch size does not matter)")
+    model.add_argument("--prefill-per-token", type=float, default=0.0, metavar="SECONDS",
+                       help="step time per prompt token computed (tokens found in the prefix "
+                       "cache cost nothing)")
     model.add_argument("--max-tokens-default", type=int, default=16,
                        help="max_tokens when the request gives none")
     model.add_argument("--max-num-seqs", type=int, default=8,
                        help="running slots; further requests wait in a FIFO queue (never 429)")
-    model.add_argument("--prefill-per-token", type=float, default=0.0, metavar="SECONDS",
-                       help="extra prefill time per prompt token not found in the prefix cache")
-    model.add_argument("--prefix-cache-blocks", type=int, default=1024,
-                       help="KV/prefix cache capacity in 16-token blocks (LRU)")
+    model.add_argument("--max-num-batched-tokens", type=int, default=2048,
+                       help="token budget of one engine step (decodes first, then prefill "
+                       "chunks); raised to --max-num-seqs if smaller")
     model.add_argument("--embedding-dim", type=int, default=16, help="length of embedding vectors")
     model.add_argument("--seed", type=int, default=0,
                        help="mixed into the hash that picks output words and vectors")
     model.add_argument("--legacy-metrics", action="store_true",
                        help="emit legacy names (vllm:gpu_cache_usage_perc, "
                        "vllm:gpu_prefix_cache_queries_total, ...) instead of current ones")
+
+    cache = p.add_argument_group("KV cache and events")
+    cache.add_argument("--num-gpu-blocks", "--num-gpu-blocks-override", "--prefix-cache-blocks",
+                       dest="num_gpu_blocks", type=int, default=1024, metavar="N",
+                       help="KV cache size in blocks; must hold --max-model-len tokens "
+                       "(--prefix-cache-blocks is the old name)")
+    cache.add_argument("--block-size", type=int, default=16,
+                       help="tokens per KV block (16 as on GPUs; vLLM on CPU uses 128)")
+    cache.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
+                       default=True, help="reuse cached blocks of earlier requests")
+    cache.add_argument("--kv-events-config", metavar="JSON",
+                       help="vLLM's KVEventsConfig, e.g. '{\"enable_kv_cache_events\": true, "
+                       "\"endpoint\": \"tcp://*:5557\", \"replay_endpoint\": \"tcp://*:5558\"}' "
+                       "(fields: enable_kv_cache_events, publisher zmq|null, endpoint, "
+                       "replay_endpoint, buffer_steps, hwm, max_queue_size, topic)")
 
     faults = p.add_argument_group("faults (also settable at runtime: POST /sim/faults)")
     faults.add_argument("--die-mid-stream-after", type=int, metavar="N",
@@ -76,10 +100,26 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv: Sequence[str] | None = None) -> tuple[SimConfig, Faults]:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.max_num_seqs < 1 or args.max_model_len < 1 or args.max_tokens_default < 1:
-        parser.error("--max-num-seqs, --max-model-len and --max-tokens-default must be >= 1")
-    if min(args.ttft, args.itl, args.prefill_per_token, args.startup_delay) < 0:
+    if min(args.max_num_seqs, args.max_model_len, args.max_tokens_default,
+           args.max_num_batched_tokens, args.num_gpu_blocks, args.block_size) < 1:
+        parser.error("--max-num-seqs, --max-model-len, --max-tokens-default, "
+                     "--max-num-batched-tokens, --num-gpu-blocks and --block-size must be >= 1")
+    if min(args.ttft, args.itl, args.prefill_per_token, args.decode_per_seq,
+           args.startup_delay) < 0:
         parser.error("times must be >= 0")
+    if args.num_gpu_blocks * args.block_size < args.max_model_len:
+        # vLLM refuses to start when one request of max_model_len cannot fit.
+        parser.error(
+            f"the KV cache ({args.num_gpu_blocks} blocks x {args.block_size} tokens = "
+            f"{args.num_gpu_blocks * args.block_size} tokens) cannot hold one request of "
+            f"--max-model-len {args.max_model_len}; raise --num-gpu-blocks or lower "
+            "--max-model-len")
+    kv_events = KVEventsConfig()
+    if args.kv_events_config is not None:
+        try:
+            kv_events = parse_kv_events_config(args.kv_events_config)
+        except ValueError as exc:
+            parser.error(str(exc))
     config = SimConfig(
         models=tuple(dict.fromkeys(args.models)),
         host=args.host,
@@ -89,8 +129,13 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[SimConfig, Faults]:
         itl=args.itl,
         max_tokens_default=args.max_tokens_default,
         max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
         prefill_per_token=args.prefill_per_token,
-        prefix_cache_blocks=args.prefix_cache_blocks,
+        decode_per_seq=args.decode_per_seq,
+        num_gpu_blocks=args.num_gpu_blocks,
+        block_size=args.block_size,
+        enable_prefix_caching=args.enable_prefix_caching,
+        kv_events=kv_events,
         startup_delay=args.startup_delay,
         shutdown_mode=args.shutdown_mode,
         drain_timeout=args.drain_timeout,

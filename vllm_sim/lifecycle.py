@@ -64,7 +64,11 @@ async def serve(config: SimConfig, faults: Faults) -> int:
         log("vllm_sim stopped before it finished loading")
         return 0
 
-    sim = SimServer(config, faults)
+    try:
+        sim = SimServer(config, faults)
+    except Exception as exc:  # e.g. the KV events endpoint is taken (zmq.ZMQError)
+        log(f"vllm_sim cannot publish KV events on {config.kv_events.endpoint}: {exc}")
+        return 2
     runner = web.AppRunner(
         sim.build_app(),
         handler_cancellation=True,  # a client disconnect cancels its handler: frees the slot
@@ -79,7 +83,9 @@ async def serve(config: SimConfig, faults: Faults) -> int:
     except OSError as exc:
         log(f"vllm_sim cannot listen on {config.host}:{config.port}: {exc}")
         await runner.cleanup()
+        sim.close()
         return 2
+    sim.start()
     host, port = runner.addresses[0][:2]
     log(f"{READY_PREFIX}{_url_host(host)}:{port}")
 
@@ -97,6 +103,7 @@ async def serve(config: SimConfig, faults: Faults) -> int:
     await site.stop()  # stop accepting first, then cut whatever is left
     cut = sim.abort_inflight()
     await runner.cleanup()
+    sim.close()
     log(f"vllm_sim stopped ({cut} in-flight requests cut)")
     return 0
 

@@ -56,7 +56,7 @@ class _EngineCollector(Collector):
                        "Prefix cache hits, in terms of number of cached tokens.",
                        labels, stats.prefix_hits_tokens)
         yield _counter("vllm:num_preemptions", "Cumulative number of preemption from the engine.",
-                       labels, 0)
+                       labels, stats.preemptions_total)
         yield _counter("vllm:prompt_tokens", "Number of prefill tokens processed.",
                        labels, stats.prompt_tokens_total)
         yield _counter("vllm:generation_tokens", "Number of generation tokens processed.",
@@ -68,6 +68,28 @@ class _EngineCollector(Collector):
         for reason, count in stats.finished.items():
             success.add_metric([*labels, reason], count)
         yield success
+        yield self._cache_config_info
+
+    @property
+    def _cache_config_info(self) -> GaugeMetricFamily:
+        """vLLM's `vllm:cache_config_info`: the cache settings as labels, value 1."""
+        pool = self._engine.pool
+        info = {
+            "block_size": str(pool.block_size),
+            "cache_dtype": "auto",
+            "enable_prefix_caching": str(pool.enable_caching),
+            "engine": "0",
+            "gpu_memory_utilization": "0.9",
+            "num_cpu_blocks": "None",
+            "num_gpu_blocks": str(pool.num_blocks),
+            "num_gpu_blocks_override": str(pool.num_blocks),
+            "prefix_caching_hash_algo": "sha256",
+            "sliding_window": "None",
+        }
+        family = GaugeMetricFamily("vllm:cache_config_info", "Information of the LLMEngine CacheConfig",
+                                   labels=list(info))
+        family.add_metric(list(info.values()), 1.0)
+        return family
 
 
 def _gauge(name: str, doc: str, labels: list[str], value: float) -> GaugeMetricFamily:

@@ -10,7 +10,7 @@ import json
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from .generation import render_chat, tokenize
+from .tokenizer import VOCAB_SIZE, render_chat, token_ids, words
 
 
 class RequestError(Exception):
@@ -30,7 +30,7 @@ class GenerationRequest:
     kind: Literal["chat", "completion"]
     model: str | None
     prompt: str  # the text whose hash decides the output
-    prompt_tokens: list[Any]  # tokens for counting and the prefix cache
+    prompt_tokens: list[int]  # token ids (tokenizer.py): counting and the KV cache
     max_tokens: int | None
     stream: bool
     include_usage: bool
@@ -71,7 +71,7 @@ def parse_chat(body: dict[str, Any]) -> GenerationRequest:
     max_tokens = _opt_int(body, "max_completion_tokens")
     if max_tokens is None:
         max_tokens = _opt_int(body, "max_tokens")
-    return _generation("chat", body, prompt, tokenize(prompt), max_tokens)
+    return _generation("chat", body, prompt, token_ids(prompt), max_tokens)
 
 
 def parse_completion(body: dict[str, Any]) -> GenerationRequest:
@@ -83,9 +83,12 @@ def parse_completion(body: dict[str, Any]) -> GenerationRequest:
     ):
         prompt_field = prompt_field[0]  # a batch of one
     if isinstance(prompt_field, str):
-        prompt, tokens = prompt_field, tokenize(prompt_field)
+        prompt, tokens = prompt_field, token_ids(prompt_field)
     elif isinstance(prompt_field, list) and all(_is_int(t) for t in prompt_field):
         tokens = list(prompt_field)
+        bad = [t for t in tokens if not 0 <= t < VOCAB_SIZE]
+        if bad:
+            raise RequestError(f"Token id {bad[0]} is out of vocabulary")
         prompt = " ".join(map(str, tokens))
     elif isinstance(prompt_field, list):
         raise RequestError("vllm_sim does not support batched prompts; send one prompt per request")
@@ -108,7 +111,7 @@ def parse_embedding(body: dict[str, Any]) -> EmbeddingRequest:
     prompt_tokens = 0
     for item in raw:
         if isinstance(item, str):
-            tokens: list[Any] = tokenize(item)
+            tokens: list[Any] = words(item)
             inputs.append(item)
         elif isinstance(item, list) and all(_is_int(t) for t in item):
             tokens = item
@@ -128,7 +131,7 @@ def parse_embedding(body: dict[str, Any]) -> EmbeddingRequest:
 
 def _generation(
     kind: Literal["chat", "completion"], body: dict[str, Any], prompt: str,
-    tokens: list[Any], max_tokens: int | None,
+    tokens: list[int], max_tokens: int | None,
 ) -> GenerationRequest:
     if max_tokens is not None and max_tokens < 1:
         raise RequestError(f"max_tokens must be at least 1, got {max_tokens}.")

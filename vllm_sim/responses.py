@@ -179,6 +179,34 @@ def embedding_body(
     )
 
 
+def render_body(
+    kind: Literal["chat", "completion"], request_id: str, model: str, token_ids: Sequence[int],
+    max_tokens: int, ignore_eos: bool, stream: bool,
+) -> bytes:
+    """vLLM's /render answer: the token-in request (`GenerateRequest`) a prompt becomes.
+
+    Completions answer a list (one entry per prompt), chat a single object.
+    """
+    generate_request: dict[str, Any] = {
+        "request_id": request_id,
+        "token_ids": list(token_ids),
+        "token_offsets": None,
+        "features": None,
+        "sampling_params": {"n": 1, "max_tokens": max_tokens, "ignore_eos": ignore_eos},
+        "model": model,
+        "output_mode": "tokens",
+        "stream": stream,
+        "stream_options": None,
+        "cache_salt": None,
+        "priority": 0,
+        "kv_transfer_params": None,
+    }
+    if kind == "chat":
+        generate_request["assistant_tokens_mask"] = None
+        return dumps(generate_request)
+    return dumps([generate_request])
+
+
 def sse(payload: bytes) -> bytes:
     return b"data: " + payload + b"\n\n"
 

@@ -1,7 +1,8 @@
 """HTTP routes of the simulator: vLLM's OpenAI-compatible API plus /sim/* test hooks.
 
 Every /v1/* request goes through the same steps: count it, pass the gates (draining,
-fault knobs), validate, take an engine slot, answer, release the slot in `finally`, and
+fault knobs), validate, submit it to the engine, write tokens as the engine's steps
+produce them, release the sequence in `finally` (which frees its slot and blocks), and
 keep a copy of the body bytes written for /sim/record.
 """
 
@@ -21,9 +22,10 @@ from aiohttp import web
 
 from . import responses
 from .config import SimConfig
-from .engine import ABORT, ERROR, Engine, Seq
+from .engine import ABORT, ERROR, Engine, EngineDead, Seq
 from .faults import Faults
 from .generation import Generation, embed, generate
+from .kv_events import make_publisher
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import Metrics
 from .protocol import (
@@ -36,6 +38,7 @@ from .protocol import (
 )
 from .record import ResponseRecord
 from .responses import DONE, StreamChunks
+from .tokenizer import output_token_id
 
 JSON = "application/json"
 # The message vLLM logs/returns when its engine core process has died.
@@ -43,7 +46,8 @@ ENGINE_DEAD_MESSAGE = "EngineCore encountered an issue. See stack trace (above) 
 _LINGER_RST = struct.pack("ii", 1, 0)
 _KNOWN_PATHS = frozenset(
     {"/health", "/ping", "/version", "/metrics", "/v1/models", "/v1/chat/completions",
-     "/v1/completions", "/v1/embeddings"}
+     "/v1/completions", "/v1/embeddings", "/reset_prefix_cache", "/v1/completions/render",
+     "/v1/chat/completions/render"}
 )
 
 
@@ -80,13 +84,9 @@ class SimServer:
     def __init__(self, config: SimConfig, faults: Faults | None = None) -> None:
         self.config = config
         self.faults = faults or Faults()
-        self.engine = Engine(
-            max_num_seqs=config.max_num_seqs,
-            ttft=config.ttft,
-            itl=config.itl,
-            prefill_per_token=config.prefill_per_token,
-            prefix_cache_blocks=config.prefix_cache_blocks,
-        )
+        # Binds (or connects) the KV event sockets now: a bad endpoint fails start-up.
+        self.publisher = make_publisher(config.kv_events)
+        self.engine = Engine(config.engine_config(), self.publisher)
         self.metrics = Metrics(self.engine, config.served_model, legacy=config.legacy_metrics)
         self.record = ResponseRecord(config.record_capacity)
         self.models = frozenset(config.models)
@@ -111,6 +111,9 @@ class SimServer:
                 web.post("/v1/chat/completions", self.chat_completions),
                 web.post("/v1/completions", self.completions),
                 web.post("/v1/embeddings", self.embeddings),
+                web.post("/v1/chat/completions/render", self.render_chat),
+                web.post("/v1/completions/render", self.render_completion),
+                web.post("/reset_prefix_cache", self.reset_prefix_cache),
                 web.get("/sim/faults", self.get_faults),
                 web.post("/sim/faults", self.set_faults),
                 web.delete("/sim/faults", self.reset_faults),
@@ -120,6 +123,15 @@ class SimServer:
             ]
         )
         return app
+
+    def start(self) -> None:
+        """Start background work that needs the running loop (KV event replay)."""
+        start = getattr(self.publisher, "start", None)
+        if start is not None:
+            start()
+
+    def close(self) -> None:
+        self.publisher.close()
 
     # ----- bookkeeping ---------------------------------------------------------------
 
@@ -166,7 +178,7 @@ class SimServer:
         if self.draining:
             return self._error(ex, 503, "The server is shutting down.")
         faults = self.faults
-        if faults.unhealthy:
+        if faults.unhealthy or self.engine.dead is not None:
             return self._error(ex, 500, ENGINE_DEAD_MESSAGE, "InternalServerError")
         if faults.error_status is not None:
             return self._error(ex, faults.error_status, f"Simulated error (status {faults.error_status}).")
@@ -178,7 +190,7 @@ class SimServer:
 
     async def health(self, request: web.Request) -> web.Response:
         self._count(request.path)
-        unhealthy = self.draining or self.faults.unhealthy
+        unhealthy = self.draining or self.faults.unhealthy or self.engine.dead is not None
         return web.Response(status=503 if unhealthy else 200)
 
     async def version(self, request: web.Request) -> web.Response:
@@ -241,6 +253,37 @@ class SimServer:
         finally:
             self._end(ex)
 
+    # ----- render (vLLM's token-in API: what a prompt becomes, no generation) ---------
+
+    async def render_chat(self, request: web.Request) -> web.Response:
+        return await self._render(request, parse_chat)
+
+    async def render_completion(self, request: web.Request) -> web.Response:
+        return await self._render(request, parse_completion)
+
+    async def _render(
+        self, request: web.Request, parse: Callable[[dict[str, Any]], GenerationRequest]
+    ) -> web.Response:
+        """The prompt's token ids as the engine sees them; routers such as vllm-router's
+        kv_aware policy call this to match prompts against KV events."""
+        ex = self._begin(request)
+        try:
+            early = await self._gate(ex)
+            if early is not None:
+                return early
+            try:
+                req = parse(parse_json(await request.read()))
+                model = self._resolve_model(req.model)
+                max_tokens = self._max_tokens(req)
+            except RequestError as exc:
+                return self._error(ex, exc.status, exc.message, exc.err_type)
+            prefix = "chatcmpl-" if req.kind == "chat" else "cmpl-"
+            body = responses.render_body(req.kind, prefix + ex.key, model, req.prompt_tokens,
+                                         max_tokens, req.ignore_eos, req.stream)
+            return self._respond(ex, 200, body)
+        finally:
+            self._end(ex)
+
     def _resolve_model(self, model: str | None) -> str:
         if model is None:
             return self.config.models[0]
@@ -275,18 +318,14 @@ class SimServer:
         plan: Generation, request_id: str,
     ) -> web.StreamResponse:
         engine = self.engine
-        seq = await engine.admit(req.prompt_tokens)
+        count = plan.completion_tokens
+        action = self.faults.mid_stream_action()
+        produced = count if action is None else min(action[0], count)
+        seq = self._submit(req, plan, produced)
         try:
             loop = asyncio.get_running_loop()
-            first_token_at = loop.time() + seq.prefill_seconds
-            count = plan.completion_tokens
-            action = self.faults.mid_stream_action()
-            produced = count if action is None else min(action[0], count)
-            delay = seq.prefill_seconds + engine.itl * max(0, produced - 1)
-            if delay > 0:
-                await asyncio.sleep(delay)
-            self.metrics.ttft.observe(first_token_at - ex.arrival)
-            engine.grow(seq, produced)
+            await engine.wait(seq, produced)  # until the engine is done with it
+            self._observe_ttft(seq, ex)
             if action is not None:
                 return await self._fault(request, ex, seq, action[1], None)
             build = responses.chat_completion_body if req.kind == "chat" else responses.completion_body
@@ -295,8 +334,20 @@ class SimServer:
             seq.outcome = plan.finish_reason
             self.metrics.e2e.observe(loop.time() - ex.arrival)
             return self._respond(ex, 200, body)
+        except EngineDead:
+            seq.outcome = ERROR
+            return self._error(ex, 500, ENGINE_DEAD_MESSAGE, "InternalServerError")
         finally:
             engine.release(seq)
+
+    def _submit(self, req: GenerationRequest, plan: Generation, produced: int) -> Seq:
+        """Hand a request to the engine to produce `produced` of the planned tokens."""
+        output_ids = [output_token_id(piece) for piece in plan.tokens[:produced]]
+        return self.engine.submit(req.prompt_tokens, produced, output_ids)
+
+    def _observe_ttft(self, seq: Seq, ex: Exchange) -> None:
+        if seq.first_token_at is not None:
+            self.metrics.ttft.observe(seq.first_token_at - ex.arrival)
 
     async def _stream(
         self, request: web.Request, ex: Exchange, req: GenerationRequest, model: str,
@@ -311,24 +362,29 @@ class SimServer:
         try:
             await resp.prepare(request)
             chunks = StreamChunks(req.kind, request_id, int(time.time()), model)
-            seq = await engine.admit(req.prompt_tokens)
-            loop = asyncio.get_running_loop()
-            if seq.prefill_seconds > 0:
-                await asyncio.sleep(seq.prefill_seconds)
-            self.metrics.ttft.observe(loop.time() - ex.arrival)
-            tokens, finish, itl = plan.tokens, plan.finish_reason, engine.itl
+            tokens, finish = plan.tokens, plan.finish_reason
             last = len(tokens) - 1
             action = self.faults.mid_stream_action()
             produced = len(tokens) if action is None else min(action[0], len(tokens))
+            seq = self._submit(req, plan, produced)
+            loop = asyncio.get_running_loop()
             pending: list[bytes] = [chunks.role()] if req.kind == "chat" else []
-            for i in range(produced):
-                if i and itl > 0:
-                    engine.grow(seq, i)
-                    await self._write(resp, ex, pending)
-                    pending = []
-                    await asyncio.sleep(itl)
-                pending.append(chunks.token(tokens[i], finish if i == last else None))
-            engine.grow(seq, produced)
+            # When decode steps take no time, one write at the end is what the client
+            # would see anyway; waking per token would only burn CPU.
+            batch = produced if engine.instant_decode else 0
+            sent = 0
+            while True:
+                await engine.wait(seq, max(sent, batch))
+                if sent == 0:
+                    self._observe_ttft(seq, ex)
+                upto = seq.generated
+                for i in range(sent, upto):
+                    pending.append(chunks.token(tokens[i], finish if i == last else None))
+                sent = upto
+                if seq.done:
+                    break
+                await self._write(resp, ex, pending)  # every batch of tokens as it comes
+                pending = []
             if action is not None:
                 await self._write(resp, ex, pending)
                 return await self._fault(request, ex, seq, action[1], resp)
@@ -339,8 +395,14 @@ class SimServer:
             seq.outcome = finish
             self.metrics.e2e.observe(loop.time() - ex.arrival)
             return resp
+        except EngineDead:
+            if seq is not None:
+                seq.outcome = ERROR
+            await self._write(resp, ex, [StreamChunks.error(ENGINE_DEAD_MESSAGE, 500,
+                                                            "InternalServerError"), DONE])
+            return resp
         except ConnectionError:
-            return resp  # the client went away; the slot is freed below, counted as abort
+            return resp  # the client went away; the sequence is released below, as abort
         finally:
             if seq is not None:
                 engine.release(seq)
@@ -400,10 +462,11 @@ class SimServer:
                     )
             except RequestError as exc:
                 return self._error(ex, exc.status, exc.message, exc.err_type)
-            seq = await self.engine.admit(range(req.prompt_tokens), use_prefix_cache=False)
+            # Pooling requests are prefill only and, as in vLLM, skip the prefix cache.
+            seq = self.engine.submit([0] * req.prompt_tokens, 0, use_cache=False)
             try:
-                if seq.prefill_seconds > 0:
-                    await asyncio.sleep(seq.prefill_seconds)
+                await self.engine.wait(seq)
+                self._observe_ttft(seq, ex)
                 action = self.faults.mid_stream_action()
                 if action is not None:
                     return await self._fault(request, ex, seq, action[1], None)
@@ -415,6 +478,9 @@ class SimServer:
                 )
                 seq.outcome = "stop"
                 return self._respond(ex, 200, body)
+            except EngineDead:
+                seq.outcome = ERROR
+                return self._error(ex, 500, ENGINE_DEAD_MESSAGE, "InternalServerError")
             finally:
                 self.engine.release(seq)
         finally:
@@ -439,20 +505,48 @@ class SimServer:
         self.faults.reset()
         return web.json_response(self.faults.to_dict())
 
+    async def reset_prefix_cache(self, request: web.Request) -> web.Response:
+        """vLLM's dev endpoint: drop all cached blocks (AllBlocksCleared). Refused (409)
+        while running requests hold blocks, where vLLM's reset fails too."""
+        self._count(request.path)
+        if self.engine.reset_prefix_cache():
+            return web.Response(status=200)
+        return web.Response(
+            status=409, content_type=JSON,
+            body=responses.error_body("Failed to reset prefix cache: blocks are in use by "
+                                      "running requests.", 409),
+        )
+
     async def stats(self, request: web.Request) -> web.Response:
         engine = self.engine
+        stats, pool = engine.stats, engine.pool
         return web.json_response(
             {
                 "requests_total": self.requests_total,
                 "by_path": dict(self.by_path),
                 "running": engine.running,
                 "waiting": engine.waiting,
-                "aborted_total": engine.stats.aborted_total,
-                "completed_total": engine.stats.completed_total,
-                "failed_total": engine.stats.failed_total,
-                "max_seen_running": engine.stats.max_seen_running,
+                "aborted_total": stats.aborted_total,
+                "completed_total": stats.completed_total,
+                "failed_total": stats.failed_total,
+                "max_seen_running": stats.max_seen_running,
                 "inflight": self.inflight,
                 "draining": self.draining,
+                "prefix_queries_tokens": stats.prefix_queries_tokens,
+                "prefix_hits_tokens": stats.prefix_hits_tokens,
+                "num_gpu_blocks": pool.num_blocks,
+                "block_size": pool.block_size,
+                "free_blocks": pool.num_free,
+                "used_blocks": pool.num_blocks - pool.num_free,
+                "cached_blocks": pool.num_cached_blocks,
+                "evicted_blocks_total": pool.evicted_total,
+                "kv_cache_usage": pool.usage,
+                "preemptions_total": stats.preemptions_total,
+                "steps_total": stats.steps_total,
+                "busy_seconds_total": round(stats.busy_seconds, 6),
+                "prompt_tokens_total": stats.prompt_tokens_total,
+                "generation_tokens_total": stats.generation_tokens_total,
+                "kv_event_batches_total": self.publisher.published,
             }
         )
 
