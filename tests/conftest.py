@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -84,6 +85,14 @@ class GatewayUnderTest:
 
     def states(self) -> dict[str, str]:
         return {row["replica_id"]: row["state"] for row in self.table()["replicas"]}
+
+    def metrics(self) -> dict[str, float]:
+        """The gateway's fleet-wide /metrics figures as {'name{labels}': value} (summed if repeated)."""
+        text = httpx.get(self.url + "/metrics", timeout=10).text
+        figures: dict[str, float] = {}
+        for name, labels, value in re.findall(r"^(gateway_\w+)(\{[^}]*\})? (\S+)$", text, re.M):
+            figures[name + labels] = figures.get(name + labels, 0.0) + float(value)
+        return figures
 
     def wait_states(self, expected: dict[str, str], timeout: float = 20) -> None:
         wait_until(lambda: all(self.states().get(k) == v for k, v in expected.items()), timeout, f"replica states {expected}")

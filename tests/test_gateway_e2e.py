@@ -7,7 +7,6 @@ import collections
 import contextlib
 import json
 import re
-import socket
 import uuid
 
 import httpx
@@ -15,7 +14,7 @@ import openai
 import pytest
 
 from tests.conftest import FAST_HEALTH
-from tests.support import wait_until
+from tests.support import finish_startup, wait_until
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -86,24 +85,23 @@ def test_kill_replicas_one_by_one_then_all_then_recover(simulators, gateway) -> 
     assert set(gw.served_by(10)) == {sims[1].url}
 
 
-def accepting(sim) -> bool:
-    try:
-        socket.create_connection(("127.0.0.1", int(sim.url.rsplit(":", 1)[1])), timeout=0.5).close()
-        return True
-    except OSError:
-        return False
-
-
 def test_starting_replica_gets_no_requests_until_it_answers(simulators, gateway) -> None:
     (ready,) = simulators(1)
-    (starting,) = simulators(1, "--startup-delay", "10", wait=False)
+    # Far longer than the test: the replica refuses connections (PENDING) until the test
+    # itself lets it finish starting, however long the deploy takes.
+    (starting,) = simulators(1, "--startup-delay", "600", wait=False)
     gw = gateway([ready.url, starting.url])
-    assert gw.states()[starting.url] == "PENDING"
-    seen = collections.Counter()
-    while not accepting(starting):
-        seen += gw.served_by(5)
-    assert set(seen) == {ready.url}
-    wait_until(lambda: gw.states()[starting.url] == "READY", 20, "the started replica to be READY")
+    gw.wait_states({ready.url: "READY", starting.url: "PENDING"})
+    sdk = gw.sdk()
+    for _ in range(10):  # round robin would alternate if the starting replica were a candidate
+        raw = sdk.chat.completions.with_raw_response.create(
+            model=MODEL, messages=CHAT, max_tokens=4, extra_headers={"x-gateway-router": "round_robin"}
+        )
+        # Served by the ready replica at the first attempt: the starting one was never tried.
+        assert (raw.headers["x-gateway-replica"], raw.headers["x-gateway-attempts"]) == (ready.url, "1")
+    assert gw.states()[starting.url] == "PENDING"  # it was starting the whole time
+    finish_startup(starting)
+    gw.wait_states({starting.url: "READY"})
     assert starting.url in gw.served_by(20, extra_headers={"x-gateway-router": "round_robin"})
 
 
@@ -247,4 +245,6 @@ def test_hanging_replica_is_ejected_and_request_served_elsewhere(simulators, gat
     hung.set_faults(hang=True)  # accepts, never answers /v1/*; its /health stays green
     seen = gw.served_by(6)
     assert set(seen) == {healthy.url}
-    assert gw.states()[hung.url] == "EJECTED"
+    # The ingress replica reports the timeout to the health actor, which ejects it for everyone
+    # and publishes that in a later snapshot: wait for it (ejection_base_s=60 keeps it there).
+    gw.wait_states({hung.url: "EJECTED"})

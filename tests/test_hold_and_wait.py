@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import openai
 import pytest
+
+from tests.support import finish_startup, wait_until
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -14,21 +17,29 @@ CHAT = [{"role": "user", "content": "hold me"}]
 
 
 def test_request_waits_for_a_starting_replica(simulators, gateway) -> None:
-    (starting,) = simulators(1, "--startup-delay", "10", wait=False)
-    gw = gateway([starting.url], models={starting.url: [MODEL]}, hold={"timeout_s": 30})
-    assert gw.states()[starting.url] == "PENDING"
-    began = time.monotonic()
-    raw = gw.sdk().chat.completions.with_raw_response.create(model=MODEL, messages=CHAT, max_tokens=4)
-    waited = time.monotonic() - began
+    # Far longer than the test: the replica stays PENDING (refusing connections) until
+    # the test itself lets it finish starting, however long the deploy takes.
+    (starting,) = simulators(1, "--startup-delay", "600", wait=False)
+    gw = gateway([starting.url], models={starting.url: [MODEL]}, hold={"timeout_s": 60})
+    gw.wait_states({starting.url: "PENDING"})
+    in_flight = f'gateway_requests_in_flight{{model="{MODEL}"}}'
+    with ThreadPoolExecutor(1) as pool:
+        held = pool.submit(gw.sdk().chat.completions.with_raw_response.create, model=MODEL, messages=CHAT, max_tokens=4)
+        # The gateway has the request and no READY replica to send it to.
+        wait_until(lambda: held.done() or gw.metrics().get(in_flight) == 1, 30, "the request to reach the gateway")
+        assert not held.done(), f"answered while no replica was up: {held.exception() or held.result()}"
+        assert gw.states()[starting.url] == "PENDING"
+        finish_startup(starting)  # the "model" has loaded: the held request may go now
+        raw = held.result(timeout=60)
     assert raw.http_response.status_code == 200
     assert raw.headers["x-gateway-replica"] == starting.url
-    assert waited < 30  # served once it came up, within the hold timeout
-    assert starting.stats()["completed_total"] == 1
+    assert starting.stats()["completed_total"] == 1  # served by the process that came up
 
 
 def test_hold_times_out_with_503_and_short_retry_after(simulators, gateway) -> None:
-    (starting,) = simulators(1, "--startup-delay", "60", wait=False)
+    (starting,) = simulators(1, "--startup-delay", "600", wait=False)
     gw = gateway([starting.url], models={starting.url: [MODEL]}, hold={"timeout_s": 1.5, "retry_after_starting_s": 1})
+    gw.wait_states({starting.url: "PENDING"})
     began = time.monotonic()
     with pytest.raises(openai.APIStatusError) as info:
         gw.sdk().chat.completions.create(model=MODEL, messages=CHAT, max_tokens=4)
@@ -40,8 +51,9 @@ def test_hold_times_out_with_503_and_short_retry_after(simulators, gateway) -> N
 
 
 def test_full_hold_queue_answers_503_at_once(simulators, gateway) -> None:
-    (starting,) = simulators(1, "--startup-delay", "60", wait=False)
+    (starting,) = simulators(1, "--startup-delay", "600", wait=False)
     gw = gateway([starting.url], models={starting.url: [MODEL]}, hold={"timeout_s": 30, "max_waiting": 0})
+    gw.wait_states({starting.url: "PENDING"})
     began = time.monotonic()
     with pytest.raises(openai.APIStatusError) as info:
         gw.sdk().chat.completions.create(model=MODEL, messages=CHAT, max_tokens=4)

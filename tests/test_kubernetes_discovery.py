@@ -132,6 +132,7 @@ async def running_source(
     before = set(threading.enumerate())
     source = KubernetesSource(cfg, api_client_factory=api_client_factory)
     task = asyncio.create_task(source.run(sink), name="k8s-discovery")
+    body_passed = False
     try:
         if wait_synced:
             await wait_for(lambda: sink.table.discovery.synced or task.done(), what="first listing")
@@ -139,15 +140,20 @@ async def running_source(
                 task.result()  # raises what run() raised
             assert sink.table.discovery.synced, "run() returned early"
         yield sink
+        body_passed = True
     finally:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
         # Don't let a watch thread of this test outlive it into the next one.
         started = [t for t in threading.enumerate() if t not in before and t.name == "pod-watch"]
-        deadline = time.monotonic() + 20
+        deadline = time.monotonic() + 30
         while any(t.is_alive() for t in started) and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
+        leftover = [t for t in started if t.is_alive()]
+        # Only when the test itself passed: otherwise its own failure is the one to see.
+        if body_passed:
+            assert not leftover, f"the watch thread outlived the cancelled source: {leftover}"
 
 
 def rid(namespace: str, name: str) -> str:

@@ -11,13 +11,14 @@ import itertools
 import signal
 import threading
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import openai
 import pytest
 
 from controlplane import kubelet
-from tests.support import wait_until
+from tests.support import SustainedLoad, wait_for_event, wait_until
 from vllm_sim.testing import SimulatorProcess
 
 pytestmark = pytest.mark.timeout(240)
@@ -25,6 +26,7 @@ pytestmark = pytest.mark.timeout(240)
 MODEL = "sim-model"
 CHAT = [{"role": "user", "content": "hello pods"}]
 _addresses = itertools.count(2)
+LOAD_S = 30.0
 
 
 @pytest.fixture
@@ -92,35 +94,37 @@ def test_ready_pods_are_routable_and_unready_ones_are_not(k8s_gateway, k8s_api_c
 
 def test_terminating_pod_finishes_its_stream_and_gets_nothing_new(k8s_gateway, k8s_api_client, k8s_namespace, pod_sims) -> None:
     ns, api = k8s_namespace, k8s_api_client
-    a, b = pod_sims("--itl", "0.03"), pod_sims()
+    a, b = pod_sims("--itl", "0.1"), pod_sims()  # 200 tokens x 100 ms: a stream of about 20 s
     pod_a = make_pod(api, ns, "vllm-a", a)
     pod_b = make_pod(api, ns, "vllm-b", b, ready=False)
     gw = k8s_gateway(retry_after_s=4)
     gw.wait_states({pod_a: "READY"})
 
-    received: list[bytes] = []
     started = threading.Event()
 
-    def long_stream() -> None:
+    def long_stream() -> bytes:
         payload = {"model": MODEL, "messages": CHAT, "max_tokens": 200, "stream": True, "ignore_eos": True}
+        received: list[bytes] = []
         with httpx.stream("POST", gw.url + "/v1/chat/completions", json=payload, timeout=60) as resp:
+            assert resp.status_code == 200, resp.read()
             assert resp.headers["x-gateway-replica"] == pod_a
             for chunk in resp.iter_raw():
                 received.append(chunk)
                 started.set()
+        return b"".join(received)
 
-    reader = threading.Thread(target=long_stream)
-    reader.start()
-    assert started.wait(30)
-    kubelet.set_pod_status(api, ns, "vllm-b", ready=True, pod_ip=b.host)
-    gw.wait_states({pod_b: "READY"})
-    kubelet.terminate_pod(api, ns, "vllm-a", grace_seconds=60)  # stays Terminating: no kubelet
-    gw.wait_states({pod_a: "DRAINING"})
-    requests_on_a = a.stats()["requests_total"]
-    assert set(gw.served_by(15, extra_headers=ROUND_ROBIN)) == {pod_b}
-    assert a.stats()["requests_total"] == requests_on_a  # not one new request on the terminating pod
-    reader.join(timeout=60)
-    body = b"".join(received)
+    with ThreadPoolExecutor(1) as pool:
+        reader = pool.submit(long_stream)
+        wait_for_event(started, reader, 30, "the stream on pod a to start")
+        kubelet.set_pod_status(api, ns, "vllm-b", ready=True, pod_ip=b.host)
+        gw.wait_states({pod_b: "READY"})
+        kubelet.terminate_pod(api, ns, "vllm-a", grace_seconds=60)  # stays Terminating: no kubelet
+        gw.wait_states({pod_a: "DRAINING"})
+        assert a.stats()["running"] == 1  # our stream is still under way on the terminating pod
+        requests_on_a = a.stats()["requests_total"]
+        assert set(gw.served_by(15, extra_headers=ROUND_ROBIN)) == {pod_b}
+        assert a.stats()["requests_total"] == requests_on_a  # not one new request on the terminating pod
+        body = reader.result(timeout=60)  # the stream on the terminating pod, to its end
     assert body.endswith(b"data: [DONE]\n\n") and b'"error"' not in body
 
     kubelet.terminate_pod(api, ns, "vllm-b", grace_seconds=60)  # the last READY pod of the model
@@ -167,8 +171,6 @@ def test_rolling_update_of_pods_under_load_loses_nothing(
     New pod Ready -> old pod Terminating (deletionTimestamp: DRAINING at once) -> its vLLM
     drains (SIGTERM, finishes in-flight, refuses new) -> exits -> the pod is deleted.
     """
-    from bench.churn import BackgroundLoad
-
     ns, api = k8s_namespace, k8s_api_client
     drain = ("--shutdown-mode", "drain", "--drain-timeout", "20", "--itl", "0.01")
     live: list[tuple[str, SimulatorProcess]] = []
@@ -178,8 +180,10 @@ def test_rolling_update_of_pods_under_load_loses_nothing(
     gw = k8s_gateway()
     gw.wait_states({pod: "READY" for pod, _ in live})
     generation = 3
-    with BackgroundLoad(gw.url, 30.0) as load:
-        while load.running():
+    with SustainedLoad(gw.url) as load:
+        # At least three replacements, and at least LOAD_S of load: on a slow machine the load
+        # lasts longer, it never counts fewer replacements.
+        while generation - 3 < 3 or load.elapsed() < LOAD_S:
             sim = pod_sims(*drain)
             new_pod = make_pod(api, ns, f"vllm-{generation}", sim)
             generation += 1

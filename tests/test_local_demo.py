@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import socket
 
 import openai
@@ -14,8 +15,14 @@ pytestmark = pytest.mark.timeout(180)
 
 
 def _free_block(size: int) -> int:
-    """A base port with `size` free ports after it (the demo's simulators use consecutive ports)."""
-    for base in range(21000, 30000, 17):
+    """A base port with `size` free ports after it (the demo's simulators use consecutive ports).
+
+    The search starts at a random place, so two test runs sharing the machine do not both
+    pick the first free block before either has bound it.
+    """
+    bases = list(range(21000, 30000, 17))
+    start = random.randrange(len(bases))
+    for base in bases[start:] + bases[:start]:
         try:
             socks = []
             for port in range(base, base + size):
@@ -45,12 +52,17 @@ def test_local_yaml_builds_a_working_gateway_with_embedded_replicas(serve_http) 
     serve.run(build_app(args), name="demo", route_prefix="/")
     try:
         model = args["simulators"]["model"]
-        wait_until(
-            lambda: [r["state"] for r in httpx.get(serve_http + "/admin/replicas", timeout=5).json()["replicas"]]
-            == ["READY"] * 3,
-            60,
-            "the three embedded replicas to be READY",
-        )
+        last: list = []
+
+        def all_ready() -> bool:
+            last[:] = httpx.get(serve_http + "/admin/replicas", timeout=5).json()["replicas"]
+            return [r["state"] for r in last] == ["READY"] * 3
+
+        try:
+            wait_until(all_ready, 60, "the three embedded replicas to be READY")
+        except AssertionError as exc:
+            seen_rows = [(r.get("replica_id"), r.get("state"), r.get("reason")) for r in last]
+            raise AssertionError(f"{exc}; last seen: {seen_rows}") from None
         client = openai.OpenAI(base_url=serve_http + "/v1", api_key="unused", max_retries=0)
         assert [m.id for m in client.models.list().data] == [model]
         seen = set()
