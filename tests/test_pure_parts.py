@@ -82,6 +82,21 @@ def test_parse_hashes_the_whole_conversation_in_blocks() -> None:
     assert with_session.affinity_key != first.affinity_key
 
 
+@pytest.mark.parametrize("depth", [200, 900, 5000, 100_000])
+def test_deeply_nested_bodies_are_a_400_not_a_500(depth: int) -> None:
+    body = b'{"model": "m", "messages": ' + b"[" * depth + b"]" * depth + b"}"
+    with pytest.raises(GatewayError) as info:
+        parse_request("/v1/chat/completions", body, None)
+    assert info.value.status == 400
+    nested_content = {"model": "m", "messages": [{"role": "user", "content": None}]}
+    payload = json.dumps(nested_content).replace("null", "[" * depth + "]" * depth).encode()
+    try:
+        facts = parse_request("/v1/chat/completions", payload, None).facts
+        assert facts.model == "m"  # shallow enough to route on
+    except GatewayError as err:
+        assert err.status == 400
+
+
 def test_parse_survives_a_lone_surrogate() -> None:
     facts = _parse("/v1/completions", b'{"model": "m", "prompt": "\\ud800 ' + b"x" * 100 + b'"}').facts
     assert facts.blocks and facts.prompt_tokens > 0

@@ -62,6 +62,8 @@ def parse_request(
         payload = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise bad_request(f"request body is not valid JSON: {exc}") from None
+    except RecursionError:  # not a JSONDecodeError: nesting deeper than Python's stack
+        raise bad_request("request body is nested too deeply") from None
     if not isinstance(payload, dict):
         raise bad_request("request body must be a JSON object")
     model = payload.get("model")
@@ -76,7 +78,10 @@ def parse_request(
         raise bad_request("embeddings do not support `stream`", param="stream")
     user = payload.get("user")
     session_key = session_header or (user if isinstance(user, str) and user else None)
-    text = _prompt_text(path, payload)
+    try:
+        text = _prompt_text(path, payload)
+    except RecursionError:  # content nested just under json's limit but too deep to render
+        raise bad_request("request content is nested too deeply") from None
     ids = None
     if tokenizer is not None:
         try:
