@@ -1,13 +1,15 @@
 """The simulator's new HTTP surface: render, prefix-cache reset, cache figures, flags.
 
-Real simulator processes on loopback ports, as in test_simulator.py.
+Real simulator processes on loopback ports, as in test_simulator.py. A state the test
+inspects is held by a stream that would run for minutes and that the test ends itself;
+wall-clock figures are only lower bounds counted from before the request was sent.
 """
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx
@@ -101,6 +103,7 @@ def test_stats_and_metrics_expose_the_cache(spawn) -> None:
     assert stats["cached_blocks"] == 2
     assert stats["free_blocks"] == 300 and stats["used_blocks"] == 0
     assert stats["kv_cache_usage"] == 0 and stats["preemptions_total"] == 0
+    assert stats["prefill_tokens_total"] == 40 + 8  # the second computed only the last block
 
     text = sim.metrics_text()
     assert metric_value(text, "vllm:prefix_cache_queries_total", model_name=MODEL) == 80
@@ -111,8 +114,9 @@ def test_stats_and_metrics_expose_the_cache(spawn) -> None:
 
 
 def test_kv_cache_usage_is_the_share_of_pinned_blocks(spawn) -> None:
-    # Slow steps: the block count cannot change while the test looks (16 tokens = 8 s).
-    sim = spawn("--ttft", "0", "--itl", "0.5", "--num-gpu-blocks", "100",
+    # Slow steps: the block count cannot change while the test looks (the next block is
+    # needed 15 decode steps later: 150 s); the test ends the stream itself.
+    sim = spawn("--ttft", "0", "--itl", "10", "--num-gpu-blocks", "100",
                 "--max-model-len", "1000")
     payload = {"prompt": words(160), "max_tokens": 100, "ignore_eos": True, "stream": True}
     with httpx.stream("POST", sim.url + "/v1/completions", json=payload, timeout=30) as response:
@@ -126,26 +130,52 @@ def test_kv_cache_usage_is_the_share_of_pinned_blocks(spawn) -> None:
 
 
 def test_preemptions_are_counted(spawn) -> None:
-    # 16 blocks of 16 tokens; each request grows to 159 tokens (10 blocks): two overlapping
-    # requests already cannot both fit.
-    sim = spawn("--ttft", "0", "--itl", "0.01", "--num-gpu-blocks", "16",
-                "--max-model-len", "256", "--max-num-seqs", "4")
-    statuses: list[int] = []
+    # 4 blocks of 256 tokens. A holder stream pins 3 of them (a 513-token prompt) and would
+    # run for 51 s, so two requests of 512 prompt tokens (2 blocks each) queue behind it
+    # however their threads are scheduled. When the test ends the holder, both are admitted
+    # in the same step and fill the cache; the older one's next token needs a third block,
+    # so the newer one is preempted. It can only come back once the older one has finished:
+    # exactly one preemption.
+    sim = spawn("--ttft", "0", "--itl", "0.1", "--block-size", "256", "--num-gpu-blocks", "4",
+                "--max-model-len", "1024", "--max-num-seqs", "4")
 
-    def one(tag: str) -> None:
-        reply = httpx.post(sim.url + "/v1/completions", timeout=30,
-                           json={"prompt": words(100, tag), "max_tokens": 60, "ignore_eos": True})
-        statuses.append(reply.status_code)
+    def one(tag: str) -> int:
+        reply = httpx.post(sim.url + "/v1/completions", timeout=60,
+                           json={"prompt": words(512, tag), "max_tokens": 4, "ignore_eos": True})
+        return reply.status_code
 
-    threads = [threading.Thread(target=one, args=(f"t{k}_",)) for k in range(4)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(30)
-    assert statuses == [200] * 4
+    hold = {"prompt": words(513, "h"), "max_tokens": 511, "ignore_eos": True, "stream": True}
+    holder_client = httpx.Client(timeout=30)
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        holder: httpx.Response | None = None
+        try:
+            holder = holder_client.send(holder_client.build_request(
+                "POST", sim.url + "/v1/completions", json=hold), stream=True)
+            chunks = holder.iter_bytes()  # keep a reference: dropping it closes the stream
+            assert next(chunks).startswith(b"data: ")
+            futures = [pool.submit(one, f"t{k}_") for k in range(2)]
+
+            def queued() -> dict[str, Any] | None:
+                finished = [f.result() for f in futures if f.done()]  # raises a thread's error
+                assert not finished, f"answered while the holder pinned the cache: {finished}"
+                stats = sim.stats()
+                return stats if stats["waiting"] == 2 else None
+
+            stats = wait_until(queued, what="both requests waiting for blocks")
+            assert stats["running"] == 1 and stats["free_blocks"] <= 1
+            assert stats["preemptions_total"] == 0
+        finally:
+            if holder is not None:
+                holder.close()  # the holder leaves (aborted): its blocks become free
+            holder_client.close()
+        statuses = [f.result(timeout=60) for f in futures]
+    assert statuses == [200, 200]
     stats = sim.stats()
-    assert stats["preemptions_total"] >= 1 and stats["completed_total"] == 4
-    assert sim.metric("vllm:num_preemptions_total") == stats["preemptions_total"]
+    assert stats["preemptions_total"] == 1 and stats["max_seen_running"] == 2
+    assert stats["completed_total"] == 2 and stats["aborted_total"] == 1
+    # The preempted request recomputed at least its last prompt token.
+    assert stats["prefill_tokens_total"] > 513 + 2 * 512
+    assert sim.metric("vllm:num_preemptions_total") == 1
 
 
 def test_reset_prefix_cache_route(spawn) -> None:
@@ -153,7 +183,8 @@ def test_reset_prefix_cache_route(spawn) -> None:
     prompt = words(40)
     httpx.post(sim.url + "/v1/completions", json={"prompt": prompt, "max_tokens": 1})
     assert sim.stats()["cached_blocks"] == 2
-    payload = {"prompt": words(40, "x"), "max_tokens": 200, "ignore_eos": True, "stream": True}
+    # 4000 tokens x 50 ms: still running (holding blocks) until the test closes it.
+    payload = {"prompt": words(40, "x"), "max_tokens": 4000, "ignore_eos": True, "stream": True}
     with httpx.stream("POST", sim.url + "/v1/completions", json=payload, timeout=30) as response:
         chunks = response.iter_bytes()  # keep a reference: dropping it closes the stream
         assert next(chunks).startswith(b"data: ")
@@ -170,20 +201,40 @@ def test_reset_prefix_cache_route(spawn) -> None:
 
 def test_lone_streamed_request_timing_over_http(spawn) -> None:
     sim = spawn("--ttft", "0.05", "--itl", "0.03", "--prefill-per-token", "0.001")
-    payload = {"prompt": words(200), "max_tokens": 6, "ignore_eos": True, "stream": True}
+    # 3000 tokens x 30 ms: the request is still running after the six tokens the test times.
+    payload = {"prompt": words(200), "max_tokens": 3000, "ignore_eos": True, "stream": True}
     with httpx.Client(timeout=30) as client:
         client.get(sim.url + "/health")  # connection set up outside the measurement
         started = time.monotonic()
         arrivals = []
         with client.stream("POST", sim.url + "/v1/completions", json=payload) as response:
-            for line in response.iter_lines():
+            lines = response.iter_lines()  # keep a reference: dropping it closes the stream
+            for line in lines:
                 if line.startswith("data: {"):
                     arrivals.append(time.monotonic() - started)
+                    if len(arrivals) == 6:
+                        break
+            # Six tokens reached the client while the request still runs: each was written
+            # as its step produced it, not at the end.
+            stats = sim.stats()
+            assert stats["running"] == 1 and stats["completed_total"] == 0
     assert len(arrivals) == 6
-    assert 0.25 <= arrivals[0] < 0.25 + 1.0  # ttft + 200 uncached tokens x 1 ms
-    # Arrival jitter on loopback can shift the first chunk a little: 10% slack below.
-    assert 0.03 * 0.9 <= (arrivals[-1] - arrivals[0]) / 5 < 0.03 + 0.2
-    assert sim.stats()["busy_seconds_total"] == pytest.approx(0.2 + 5 * 0.03)
+    # Token k is due ttft + 200 uncached tokens x 1 ms + k decode steps after the request
+    # was sent, never earlier (a slow machine only delays it).
+    for k, at in enumerate(arrivals):
+        assert at >= 0.05 + 0.2 + k * 0.03, k
+
+    # Virtual time: one 200-token prefill step, then a lone 30 ms decode step per token,
+    # however many steps ran before the client left (checked once the last step ended).
+    def settled() -> dict[str, Any] | None:
+        stats = sim.stats()
+        expected = 0.2 + (stats["steps_total"] - 1) * 0.03
+        return stats if stats["running"] == 0 and stats["busy_seconds_total"] == pytest.approx(
+            expected, abs=1e-5) else None
+
+    stats = wait_until(settled, what="busy time = one prefill step + 30 ms per decode step")
+    assert stats["steps_total"] >= 6 and stats["prefill_tokens_total"] == 200
+    assert stats["aborted_total"] == 1
 
 
 def test_max_num_batched_tokens_chunks_a_long_prefill(spawn) -> None:
@@ -210,5 +261,6 @@ def test_prefix_caching_can_be_switched_off(spawn) -> None:
         httpx.post(sim.url + "/v1/completions", json={"prompt": prompt, "max_tokens": 1})
     stats = sim.stats()
     assert stats["prefix_hits_tokens"] == 0 and stats["cached_blocks"] == 0
+    assert stats["prefill_tokens_total"] == 2 * 64  # nothing reused: both computed in full
     assert sim.metric("vllm:cache_config_info", enable_prefix_caching="False") == 1
     assert block_hashes(prompt_token_ids_for_completion(prompt))  # (the prompt has blocks)

@@ -1,7 +1,10 @@
 """Tests of the vLLM simulator, run as real subprocesses on loopback ports.
 
 Happy paths use the OpenAI SDK as the client; wire-level checks use httpx or sockets.
-Synchronisation is by polling with deadlines, never by fixed sleeps.
+Synchronisation is by polling with deadlines, never by fixed sleeps. A state the test
+looks at (loading, a full engine, a drain) lasts until the test itself ends it, not for
+a fixed time; claims about speed are checked on the simulator's own counters, and
+wall-clock figures only as lower bounds that a slow machine cannot break.
 """
 
 from __future__ import annotations
@@ -11,15 +14,16 @@ import json
 import signal
 import socket
 import struct
-import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx
 import openai
 import pytest
 
+from tests.support import finish_startup
 from vllm_sim.generation import embed, generate, natural_length, render_chat, tokenize
 from vllm_sim.testing import LOADING_PREFIX, READY_PREFIX, SimulatorProcess, metric_value
 
@@ -358,48 +362,81 @@ def test_prompt_longer_than_context_is_400(sim: SimulatorProcess) -> None:
 
 
 def test_port_refuses_connections_until_model_loaded(spawn) -> None:
-    sim = spawn("--startup-delay", "1.0", wait=False)
+    # A load that outlasts the test: the port stays closed for as long as the test looks.
+    sim = spawn("--startup-delay", "600", wait=False)
     sim.wait_for_output(LOADING_PREFIX)
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection((sim.host, sim.port), timeout=2).close()
     # The refusal happened while loading, not because the process failed.
     assert sim.is_running() and READY_PREFIX not in sim.log_text()
 
-    sim.wait_ready(timeout=15)
+    # "Loading finishes": the loading process is stopped (SIGTERM while loading is a clean
+    # stop) and the simulator starts again on the same port without the delay.
+    finish_startup(sim)
+    assert "vllm_sim stopped before it finished loading" in sim.log_text()
     assert httpx.get(sim.url + "/health").status_code == 200
     assert sdk(sim).completions.create(model=MODEL, prompt="hi", max_tokens=2).choices[0].text
 
 
+def test_startup_delay_ends_by_itself(spawn) -> None:
+    # Longer than the simulator's own start-up (under 1 s here), so a delay that is not
+    # honoured shows.
+    started = time.monotonic()
+    sim = spawn("--startup-delay", "3", wait=False)
+    sim.wait_ready(timeout=30)
+    # The port opened on its own, and not before the delay had passed since the process
+    # was started (a slow machine only makes this later).
+    assert time.monotonic() - started >= 3
+    log = sim.log_text(current_run=True)
+    assert log.index(LOADING_PREFIX) < log.index(READY_PREFIX)
+    assert httpx.get(sim.url + "/health").status_code == 200
+
+
 def test_max_num_seqs_queues_excess_requests(spawn) -> None:
     sim = spawn("--max-num-seqs", "2", "--ttft", "0", "--itl", "0.05")
-    statuses: list[int] = []
+    # Two streams take both slots and would run for minutes (4000 tokens x 50 ms): the
+    # engine stays full until the test lets them go.
+    holders = [httpx.Client(timeout=30) for _ in range(2)]
+    hold = {"model": MODEL, "prompt": "hold the slot", "max_tokens": 4000, "ignore_eos": True,
+            "stream": True}
 
-    def one_request() -> None:
-        response = httpx.post(sim.url + "/v1/completions", timeout=30,
+    def one_request() -> int:
+        response = httpx.post(sim.url + "/v1/completions", timeout=60,
                               json={"model": MODEL, "prompt": "load test", "max_tokens": 15})
-        statuses.append(response.status_code)
+        return response.status_code
 
-    threads = [threading.Thread(target=one_request) for _ in range(6)]
-    for thread in threads:
-        thread.start()
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        streams: list[httpx.Response] = []
+        chunks = []  # keep the iterators: dropping one closes its stream
+        try:
+            for client in holders:
+                streams.append(client.send(client.build_request(
+                    "POST", sim.url + "/v1/completions", json=hold), stream=True))
+                chunks.append(streams[-1].iter_bytes())
+                assert next(chunks[-1]).startswith(b"data: ")  # it has a slot
+            futures = [pool.submit(one_request) for _ in range(4)]
 
-    def loaded_scrape() -> str | None:
-        # As in vLLM, a request that arrives mid-step waits for the next step even when a
-        # slot is free, so poll for the scrape that shows both slots busy and a queue.
-        text = sim.metrics_text()
-        waiting = metric_value(text, "vllm:num_requests_waiting") or 0
-        running = metric_value(text, "vllm:num_requests_running", model_name=MODEL, engine="0")
-        return text if waiting > 0 and running == 2 else None
+            def queued() -> str | None:
+                finished = [f.result() for f in futures if f.done()]  # raises a thread's error
+                assert not finished, f"requests answered while both slots were held: {finished}"
+                text = sim.metrics_text()
+                return text if metric_value(text, "vllm:num_requests_waiting") == 4 else None
 
-    text = wait_until(loaded_scrape, what="num_requests_waiting > 0 with both slots running")
-    assert metric_value(text, "vllm:num_requests_running", model_name=MODEL, engine="0") == 2
-    assert metric_value(text, "vllm:kv_cache_usage_perc", model_name=MODEL) > 0
-    for thread in threads:
-        thread.join(30)
-    assert statuses == [200] * 6  # vLLM queues; it never answers 429
-    stats = sim.stats()
-    assert stats["max_seen_running"] == 2
-    assert stats["running"] == 0 and stats["waiting"] == 0 and stats["completed_total"] == 6
+            text = wait_until(queued, what="four requests queued behind the two running streams")
+            assert metric_value(text, "vllm:num_requests_waiting", model_name=MODEL, engine="0") == 4
+            assert metric_value(text, "vllm:num_requests_running", model_name=MODEL, engine="0") == 2
+            assert metric_value(text, "vllm:kv_cache_usage_perc", model_name=MODEL) > 0
+            assert sim.stats()["max_seen_running"] == 2
+        finally:
+            for stream in streams:
+                stream.close()  # the holders leave mid-stream (aborted): slots go to the queue
+            for client in holders:
+                client.close()
+        statuses = [f.result(timeout=60) for f in futures]
+    assert statuses == [200] * 4  # vLLM queues; it never answers 429
+    stats = wait_until(lambda: (s := sim.stats())["running"] == 0 and s, what="engine idle")
+    assert stats["max_seen_running"] == 2  # never more than --max-num-seqs at once
+    assert stats["waiting"] == 0 and stats["completed_total"] == 4 and stats["aborted_total"] == 2
     assert sim.metric("vllm:kv_cache_usage_perc") == 0
 
 
@@ -412,21 +449,29 @@ def test_repeated_prompt_hits_prefix_cache_and_prefills_faster(spawn) -> None:
     client.completions.create(model=MODEL, prompt=prompt, max_tokens=1)
     cold = time.monotonic() - started
     assert sim.metric("vllm:prefix_cache_hits_total") == 0
+    cold_stats = sim.stats()
+    assert cold_stats["prefill_tokens_total"] == 200
+    assert cold_stats["busy_seconds_total"] == pytest.approx(200 * 0.004)
+    # The simulated prefill time was really spent (a slow machine only adds to it).
+    assert cold >= 200 * 0.004
 
-    started = time.monotonic()
     client.completions.create(model=MODEL, prompt=prompt, max_tokens=1)
-    warm = time.monotonic() - started
+    warm_stats = sim.stats()
 
     assert sim.metric("vllm:prefix_cache_queries_total", model_name=MODEL, engine="0") == 400
     assert sim.metric("vllm:prefix_cache_hits_total", model_name=MODEL, engine="0") == 192
-    assert cold >= 0.8  # 200 uncached tokens x 4 ms
-    assert warm < cold / 2  # only 8 tokens left to prefill
+    # Faster, as the engine counts it: only the 8 tokens after the 12 cached blocks are
+    # computed, so the warm prefill costs 8 x 4 ms of simulated time instead of 200 x 4 ms.
+    assert warm_stats["prefill_tokens_total"] - cold_stats["prefill_tokens_total"] == 8
+    warm_busy = warm_stats["busy_seconds_total"] - cold_stats["busy_seconds_total"]
+    assert warm_busy == pytest.approx(8 * 0.004)
 
 
 def test_client_disconnect_frees_slot_and_queue_place(spawn) -> None:
     sim = spawn("--max-num-seqs", "1", "--ttft", "0", "--itl", "0.05")
     holder = httpx.Client(timeout=30)
-    payload = {"model": MODEL, "prompt": "long story", "max_tokens": 400, "ignore_eos": True,
+    # 4000 tokens x 50 ms: the stream holds the slot until the test closes it.
+    payload = {"model": MODEL, "prompt": "long story", "max_tokens": 4000, "ignore_eos": True,
                "stream": True}
     with holder.stream("POST", sim.url + "/v1/completions", json=payload) as response:
         chunks = response.iter_bytes()  # keep a reference: dropping it closes the stream
@@ -445,10 +490,12 @@ def test_client_disconnect_frees_slot_and_queue_place(spawn) -> None:
     stats = wait_until(lambda: (s := sim.stats())["running"] == 0 and s, what="slot freed")
     assert stats["aborted_total"] == 2 and stats["completed_total"] == 0
     assert sim.metric("vllm:request_success_total", finished_reason="abort") == 2
-    # The freed slot serves the next request at once.
-    reply = httpx.post(sim.url + "/v1/completions", timeout=5,
+    # The freed slot serves the next request (with the slot still taken it would queue
+    # behind a 200 s stream and time out).
+    reply = httpx.post(sim.url + "/v1/completions", timeout=30,
                        json={"model": MODEL, "prompt": "after", "max_tokens": 2})
     assert reply.status_code == 200
+    assert sim.stats()["completed_total"] == 1
 
 
 # ----- shutdown ----------------------------------------------------------------------
@@ -456,7 +503,7 @@ def test_client_disconnect_frees_slot_and_queue_place(spawn) -> None:
 
 def test_sigterm_abort_cuts_streams_and_exits(spawn) -> None:
     sim = spawn("--ttft", "0", "--itl", "0.05", "--shutdown-mode", "abort")
-    payload = chat_payload(300, stream=True, ignore_eos=True)
+    payload = chat_payload(3000, stream=True, ignore_eos=True)  # 150 s: still going at SIGTERM
     with httpx.stream("POST", sim.url + "/v1/chat/completions", json=payload, timeout=30) as response:
         chunks = response.iter_bytes()
         assert next(chunks).startswith(b"data: ")
@@ -466,33 +513,56 @@ def test_sigterm_abort_cuts_streams_and_exits(spawn) -> None:
             for part in chunks:
                 rest += part
     assert b"[DONE]" not in rest
-    assert sim.wait(timeout=10) == 0
+    assert sim.wait(timeout=30) == 0
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection((sim.host, sim.port), timeout=2).close()
 
 
 def test_sigterm_drain_finishes_streams_and_rejects_new_requests(spawn) -> None:
-    sim = spawn("--ttft", "0", "--itl", "0.02", "--shutdown-mode", "drain", "--drain-timeout", "20")
-    payload = chat_payload(60, stream=True, ignore_eos=True)
-    with httpx.stream("POST", sim.url + "/v1/chat/completions", json=payload, timeout=30) as response:
-        chunks = response.iter_bytes()
-        received = next(chunks)
-        sim.send_signal(signal.SIGTERM)
+    # One slot. A holder stream takes it (4000 tokens x 20 ms: minutes) and a second stream
+    # waits for it, so at SIGTERM both are in flight and the drain lasts until the test
+    # ends the holder; the drain timeout is far longer than the test.
+    sim = spawn("--ttft", "0", "--itl", "0.02", "--max-num-seqs", "1",
+                "--shutdown-mode", "drain", "--drain-timeout", "600")
+    url = sim.url + "/v1/chat/completions"
+    holder_client, client = httpx.Client(timeout=30), httpx.Client(timeout=30)
+    try:
+        holder = holder_client.send(holder_client.build_request(
+            "POST", url, json=chat_payload(4000, stream=True, ignore_eos=True)), stream=True)
+        holder_chunks = holder.iter_bytes()  # keep a reference: dropping it closes the stream
+        assert next(holder_chunks).startswith(b"data: ")
+        queued = client.send(client.build_request(
+            "POST", url, json=chat_payload(60, stream=True, ignore_eos=True)), stream=True)
+        assert queued.status_code == 200  # headers go out at once; tokens wait for the slot
+        wait_until(lambda: sim.stats()["waiting"] == 1, what="the second stream queued")
 
-        wait_until(lambda: httpx.get(sim.url + "/health").status_code == 503,
-                   what="/health 503 while draining")
-        rejected = httpx.post(sim.url + "/v1/chat/completions", json=chat_payload(2))
+        sim.send_signal(signal.SIGTERM)
+        sim.wait_for_output("vllm_sim draining")  # printed once the drain has begun
+        assert "vllm_sim draining: 2 in flight" in sim.log_text(current_run=True)
+        assert httpx.get(sim.url + "/health").status_code == 503
+        rejected = httpx.post(url, json=chat_payload(2))
         assert rejected.status_code == 503
         assert rejected.json()["error"]["code"] == 503
-        assert sim.is_running()
+        # The running stream keeps going during the drain.
+        steps = sim.stats()["steps_total"]
+        wait_until(lambda: sim.stats()["steps_total"] > steps, what="engine steps while draining")
+        assert sim.is_running() and sim.stats()["draining"] is True
 
-        for part in chunks:
-            received += part
+        holder.close()  # the holder's client leaves mid-stream: its slot goes to the queued one
+        received, error = read_stream(queued)
+    finally:
+        holder_client.close()
+        client.close()
+    assert error is None
     events = sse_events(received)
     assert events[-1] == "[DONE]"
-    text = "".join(json.loads(e)["choices"][0]["delta"]["content"] for e in events[:-1])
+    chunks = [json.loads(e) for e in events[:-1]]
+    text = "".join(c["choices"][0]["delta"]["content"] for c in chunks)
     assert text == generate(MODEL, render_chat(MESSAGES), 60, ignore_eos=True).text
-    assert sim.wait(timeout=10) == 0
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+    # It exits once nothing is in flight, having cut nothing.
+    assert sim.wait(timeout=30) == 0
+    assert "vllm_sim stopped (0 in-flight requests cut)" in sim.log_text(current_run=True)
 
 
 # ----- fault knobs -------------------------------------------------------------------

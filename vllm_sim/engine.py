@@ -124,6 +124,9 @@ class EngineStats:
     preemptions_total: int = 0
     steps_total: int = 0
     busy_seconds: float = 0.0  # sum of step times: the simulated GPU's busy time
+    # Tokens computed by prefill (chunks included): prefix-cache hits are not computed,
+    # tokens recomputed after a preemption are. What --prefill-per-token charges for.
+    prefill_tokens_total: int = 0
     finished: dict[str, int] = field(default_factory=lambda: {"stop": 0, "length": 0, "abort": 0})
 
 
@@ -278,6 +281,7 @@ class Engine:
                     continue
                 duration = self.step_seconds(step.prefill_tokens, step.decoding)
                 self.stats.busy_seconds += duration
+                self.stats.prefill_tokens_total += step.prefill_tokens
                 if duration > 0:
                     await asyncio.sleep(max(0.0, started + duration - loop.time()))
                 else:

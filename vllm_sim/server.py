@@ -544,6 +544,7 @@ class SimServer:
                 "preemptions_total": stats.preemptions_total,
                 "steps_total": stats.steps_total,
                 "busy_seconds_total": round(stats.busy_seconds, 6),
+                "prefill_tokens_total": stats.prefill_tokens_total,
                 "prompt_tokens_total": stats.prompt_tokens_total,
                 "generation_tokens_total": stats.generation_tokens_total,
                 "kv_event_batches_total": self.publisher.published,
