@@ -29,7 +29,7 @@ async def test_hundreds_of_replicas_every_100ms_with_bounded_concurrency() -> No
     """300 replicas (one real HTTP server, one path each): rounds keep to ~100 ms, at most
     SCRAPE_CONCURRENCY scrapes at once, a hung replica keeps its last sample (ageing) and
     does not hold up the others, and a replica seen queueing reveals its slots."""
-    state = {"now": 0, "max_now": 0, "hang": False}
+    state = {"now": 0, "max_now": 0, "hang": False, "r5": 0}
 
     async def metrics(request: web.Request) -> web.Response:
         rid = int(request.match_info["rid"])
@@ -40,6 +40,9 @@ async def test_hundreds_of_replicas_every_100ms_with_bounded_concurrency() -> No
                 await asyncio.sleep(1.0)  # longer than a scrape may take (2 intervals)
             await asyncio.sleep(0.002)  # a little server time, so scrapes overlap
             running, waiting = (4, 2) if rid == 3 else (rid % 3, 0)
+            if rid == 5:  # a request caught between steps now and then: not a full replica
+                state["r5"] += 1
+                running, waiting = 1, state["r5"] % 2
             return web.Response(text=METRICS.format(running=running, waiting=waiting))
         finally:
             state["now"] -= 1
@@ -70,6 +73,7 @@ async def test_hundreds_of_replicas_every_100ms_with_bounded_concurrency() -> No
         sample = update.samples["r3"]
         assert (sample.running, sample.waiting, sample.slots, sample.cache_tokens) == (4, 2, 4, 4800)
         assert update.samples["r1"].slots is None  # never seen saturated: unknown
+        assert update.samples["r5"].slots is None  # a queue in one sample only is not saturation
 
         state["hang"] = True
         hung_at = update.samples["r7"].scraped_at

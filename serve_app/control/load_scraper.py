@@ -30,7 +30,8 @@ class LoadScraper:
         self._interval = interval_s
         self._clock = clock
         self._samples: dict[str, LoadSample] = {}
-        self._peak_saturated: dict[str, int] = {}  # most running seen while some waited
+        self._peak_saturated: dict[str, int] = {}  # most running seen while a queue persisted
+        self._queued: set[str] = set()  # replicas whose last sample had requests waiting
         self._version = 0
         self._changed = asyncio.Event()
         self._session: aiohttp.ClientSession | None = None
@@ -77,7 +78,10 @@ class LoadScraper:
                 if previous is not None:
                     samples[replica_id] = previous  # kept, and ageing
                 continue
-            if load.waiting > 0:
+            # A queue seen in two samples in a row means the running slots are full. One
+            # sample is not enough: a request that arrives mid-step waits for the next step
+            # even with slots free (vLLM schedules per step), and a scrape can catch that.
+            if load.waiting > 0 and replica_id in self._queued:
                 peak = max(self._peak_saturated.get(replica_id, 0), load.running)
                 self._peak_saturated[replica_id] = peak
             samples[replica_id] = LoadSample(
@@ -85,6 +89,7 @@ class LoadScraper:
                 self._peak_saturated.get(replica_id), load.cache_tokens,
             )
         self._peak_saturated = {rid: v for rid, v in self._peak_saturated.items() if rid in loads}
+        self._queued = {rid for rid, load in loads.items() if load is not None and load.waiting > 0}
         self._samples = samples
         self._version += 1
         self._changed.set()
