@@ -4,8 +4,12 @@ For each candidate (filter -> score -> pick, as in llm-d's endpoint picker):
 
     cost = queue wait (its load vs its running slots)
          + base + prefill of the prompt tokens it does not hold (prefix index)
+         + what writing those tokens evicts (the same prefill again, times how full its cache is)
 
-in seconds, with rates learned from what the gateway measures (``latency``). One
+in seconds, with rates learned from what the gateway measures (``latency``). The eviction
+term is the price others pay later: a replica whose cache is full makes room for a new
+prompt by dropping someone else's, who will prefill again. Without it a busy holder
+spreads its prefix onto replicas whose caches are full and the cluster thrashes. One
 number, no threshold switch: a hot prefix stays on its holder while waiting there is
 cheaper than a cold prefill elsewhere, and spreads to another replica (which then holds
 it too) once it is not, so one system prompt cannot herd all traffic onto one replica.
@@ -31,6 +35,7 @@ from .rendezvous import StableIds, weight
 DEFAULT_SLOTS = 8  # running slots assumed until a replica is seen saturated
 MAX_ESTIMATES = 10  # estimates kept for the first candidates: the most attempts forwarding makes
 TIE_S = 1e-9
+EVICTION_WEIGHT = 1.0  # evicted tokens are assumed as likely to be wanted again as the new ones
 MAX_MODELS = 1024  # latency models kept; model names come from requests
 
 
@@ -74,8 +79,8 @@ class CacheAwareRouter:
         service = latency.service_s
         base = latency.base_s
         rate = latency.prefill_s_per_token
-        cold = base + rate * prompt
         max_age = self._max_load_age_s
+        blocks_of = self.index.blocks_of
         costs: list[float] = []
         loads: list[int] = []
         waits: list[float] = []
@@ -88,11 +93,16 @@ class CacheAwareRouter:
                     load = scraped
             slots = c.slots or DEFAULT_SLOTS
             wait = (load + 1 - slots) * service / slots if load >= slots else 0.0
-            if matched and c.replica_id in matched:
-                cached = matched[c.replica_id] * per_block
-                costs.append(wait + base + rate * (prompt - cached if cached < prompt else 0))
-            else:
-                costs.append(wait + cold)
+            held = matched.get(c.replica_id) if matched else None
+            uncached = prompt - held * per_block if held else prompt
+            if uncached < 0:
+                uncached = 0
+            cost = wait + base + rate * uncached
+            capacity = c.cache_tokens
+            if capacity and uncached:
+                fill = blocks_of(c.replica_id) * per_block / capacity
+                cost += EVICTION_WEIGHT * rate * uncached * (fill if fill < 1.0 else 1.0)
+            costs.append(cost)
             loads.append(load)
             waits.append(wait)
         order = sorted(range(n), key=costs.__getitem__)
@@ -148,8 +158,15 @@ class CacheAwareRouter:
         latency = self.latency(facts.model)
         if ttft_s is not None and estimate.wait_s == 0.0:
             latency.observe_ttft(estimate.uncached_tokens, ttft_s)
-        if duration_s is not None:
-            latency.observe_duration(duration_s)
+        if duration_s is None:
+            return
+        # The queue-wait term needs how long a request holds a slot, not how long it took:
+        # durations that include queueing would make a busy cluster look ever busier.
+        if ttft_s is not None:  # (TTFT's base part may hide queueing; the prefill part is the slot's)
+            in_slot = duration_s - ttft_s + latency.prefill_s_per_token * estimate.uncached_tokens
+        else:
+            in_slot = duration_s - estimate.wait_s
+        latency.observe_duration(max(0.0, in_slot))
 
     def forget_replicas(self, keep: Sequence[str]) -> None:
         """Replicas not in ``keep`` are gone: drop their index entries."""

@@ -163,6 +163,33 @@ def test_a_busy_holder_loses_to_an_idle_cold_replica_when_the_cost_says_so() -> 
     assert ranking.expected[holder].cost_s > ranking.expected[other].cost_s
 
 
+def test_spreading_counts_what_it_would_evict() -> None:
+    router = CacheAwareRouter()
+    latency = router.latency("m")
+    latency.prefill_s_per_token = 2e-4  # 2000 uncached tokens: 0.4 s
+    latency.service_s = 1.0
+    facts = facts_for(SYSTEM)
+    route(router, facts, [cand("holder", cache_tokens=6000), cand("other", cache_tokens=6000)])
+    # Fill "other"'s modelled cache with two other prompts (its cache holds about three).
+    for g in range(2):
+        router.placed(facts_for(f"another system prompt {g}. " * 330), cand("other", cache_tokens=6000))
+    # A queue of 2 ahead on the holder: 0.5 s of waiting. A cold prefill is 0.4 s, but on
+    # a full cache it also throws out another prompt's 0.4 s: stay and wait.
+    busy = cand("holder", running=4, waiting=1, cache_tokens=6000)
+    assert router.choose(facts, [busy, cand("other", cache_tokens=6000)])[0].replica_id == "holder"
+    # An idle replica with an empty cache costs just the prefill: go there.
+    assert router.choose(facts, [busy, cand("empty", cache_tokens=6000)])[0].replica_id == "empty"
+
+
+def test_latency_is_learned_from_time_in_a_slot_not_time_queued() -> None:
+    router = CacheAwareRouter()
+    facts = facts_for(SYSTEM)
+    estimate = router.choose(facts, [cand("r0")]).expected["r0"]
+    for _ in range(200):  # 3 s end to end, of which 2.5 s waiting for the first token
+        router.observe(facts, estimate, ttft_s=2.5, duration_s=3.0)
+    assert router.latency("m").service_s < 1.2
+
+
 def test_hot_prefix_spreads_to_more_replicas_under_load_and_no_more() -> None:
     router = CacheAwareRouter()
     router.latency("m").prefill_s_per_token = 2e-4
