@@ -21,6 +21,12 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
 
 
 def build_from_config(config: GatewayConfig) -> Application:
+    if config.discovery.kind == "kubernetes":
+        from .control.discovery.kubernetes import resolve_credentials
+
+        # No credentials at all is a configuration error: say so now, not in a retry loop later.
+        # (The health actor resolves them again where it runs.)
+        resolve_credentials(config.discovery)
     health = ReplicaHealth.bind(config)
     simulators = LocalSimulators.bind(config) if config.simulators is not None else None
     return Gateway.bind(config, health, simulators)

@@ -56,7 +56,8 @@ class KubernetesDiscovery(_Strict):
     )
     scheme: Literal["http", "https"] = "http"
     kubeconfig: str | None = Field(
-        default=None, description="Path to a kubeconfig; null uses in-cluster credentials."
+        default=None,
+        description="Path to a kubeconfig; null: in-cluster credentials in a pod, else $KUBECONFIG, else ~/.kube/config.",
     )
     resync_period_s: float = Field(default=300.0, gt=0)
     watch_timeout_s: int = Field(default=240, ge=10)
@@ -93,8 +94,44 @@ class Hold(_Strict):
     """Hold-and-wait: a request for a model with no READY replica but one starting waits for it."""
 
     timeout_s: float = Field(default=30.0, ge=0, description="Longest hold; 0 turns holding off.")
-    max_waiting: int = Field(default=1024, ge=0, description="Held requests per ingress replica; past it, 503 at once.")
+    max_waiting: int | None = Field(
+        default=None, ge=0,
+        description="Held requests per ingress replica; past it, 503 at once. Each holds one of the Gateway's "
+        "Serve slots, so it must be below the Gateway's max_ongoing_requests; null: half of them.",
+    )
+    max_waiting_per_model: int | None = Field(
+        default=None, ge=0,
+        description="Held requests per model per ingress replica, so one model's cold start leaves holds "
+        "for the others; null: half of max_waiting.",
+    )
     retry_after_starting_s: int = Field(default=1, ge=1, description="Retry-After when replicas are starting.")
+
+    @model_validator(mode="after")
+    def _per_model_within_total(self) -> "Hold":
+        if (
+            self.max_waiting is not None
+            and self.max_waiting_per_model is not None
+            and self.max_waiting_per_model > self.max_waiting
+        ):
+            raise ValueError(
+                f"max_waiting_per_model ({self.max_waiting_per_model}) must not exceed max_waiting ({self.max_waiting})"
+            )
+        return self
+
+    def limits(self, slots: int) -> tuple[int, int]:
+        """(in all, per model) held requests for an ingress replica with `slots` Serve slots.
+
+        Raises ConfigError if `max_waiting` would let held requests take every slot: then a
+        cold start of one model blocks every other model and /metrics on that replica.
+        """
+        if self.max_waiting is not None and self.max_waiting >= slots:
+            raise ConfigError(
+                f"hold.max_waiting ({self.max_waiting}) must be below the Gateway's max_ongoing_requests ({slots}): "
+                "each held request occupies a Serve slot, and none would be left for other models or /metrics"
+            )
+        total = self.max_waiting if self.max_waiting is not None else slots // 2
+        per_model = self.max_waiting_per_model if self.max_waiting_per_model is not None else (total + 1) // 2
+        return total, min(per_model, total)
 
 
 class Health(_Strict):

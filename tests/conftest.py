@@ -111,13 +111,18 @@ def gateway(serve_http: str) -> Iterator[Callable[..., GatewayUnderTest]]:
     from serve_app.ingress import Gateway
 
     def deploy(
-        urls: list[str], ingress_replicas: int = 1, models: dict[str, list[str]] | None = None, **overrides: Any
+        urls: list[str],
+        ingress_replicas: int = 1,
+        models: dict[str, list[str]] | None = None,
+        max_ongoing_requests: int | None = None,
+        **overrides: Any,
     ) -> GatewayUnderTest:
         discovery = overrides.pop("discovery", {"kind": "static", "urls": urls, "models": models or {}})
         config = GatewayConfig.model_validate({"discovery": discovery, "health": FAST_HEALTH, **overrides})
-        app = Gateway.options(num_replicas=ingress_replicas, ray_actor_options={"num_cpus": 0}).bind(
-            config, ReplicaHealth.bind(config)
-        )
+        options: dict[str, Any] = {"num_replicas": ingress_replicas, "ray_actor_options": {"num_cpus": 0}}
+        if max_ongoing_requests is not None:  # the Gateway's Serve slots, as `deployments:` would set them
+            options["max_ongoing_requests"] = max_ongoing_requests
+        app = Gateway.options(**options).bind(config, ReplicaHealth.bind(config))
         serve.run(app, name="gateway", route_prefix="/")
         return GatewayUnderTest(serve_http)
 

@@ -72,3 +72,54 @@ def test_nothing_coming_means_503_with_configured_retry_after(simulators, gatewa
             gw.sdk().chat.completions.create(model=MODEL, messages=CHAT, max_tokens=4)
         statuses.add((info.value.status_code, info.value.response.headers.get("retry-after")))
     assert statuses == {(503, "7")}
+
+
+def test_a_cold_start_burst_leaves_slots_for_other_models_and_metrics(simulators, gateway) -> None:
+    """Every held request occupies one of the ingress replica's Serve slots. With 8 slots, a
+    burst of 8 requests for a model that is starting must not take them all: past the bounds
+    (by default half the slots in all, half of that per model) the burst gets 503 at once, and
+    a model that is up, another model that is starting, and /metrics are still served."""
+    (cold,) = simulators(1, "--startup-delay", "600", wait=False, model="cold")
+    (cold2,) = simulators(1, "--startup-delay", "600", wait=False, model="cold2")
+    (warm,) = simulators(1, model="warm")
+    gw = gateway(
+        [cold.url, cold2.url, warm.url],
+        models={cold.url: ["cold"], cold2.url: ["cold2"], warm.url: ["warm"]},
+        max_ongoing_requests=8,
+        hold={"timeout_s": 120, "retry_after_starting_s": 1},
+    )
+    gw.wait_states({cold.url: "PENDING", cold2.url: "PENDING", warm.url: "READY"})
+    sdk = gw.sdk(timeout=170)
+
+    def ask(model: str) -> object:
+        try:
+            return sdk.chat.completions.with_raw_response.create(model=model, messages=CHAT, max_tokens=4)
+        except openai.APIStatusError as err:
+            return err
+
+    def in_flight(model: str) -> float:
+        return gw.metrics().get(f'gateway_requests_in_flight{{model="{model}"}}', 0.0)
+
+    with ThreadPoolExecutor(9) as pool:
+        burst = [pool.submit(ask, "cold") for _ in range(8)]
+        # Each request of the burst is answered or waiting in the gateway, and /metrics answers.
+        wait_until(lambda: in_flight("cold") + sum(f.done() for f in burst) == 8, 60,
+                   "every request of the burst to be held or answered, /metrics answering")
+        held = [f for f in burst if not f.done()]
+        refused = [f.result() for f in burst if f.done()]
+        assert len(held) == 2, f"{len(held)} held for one model; the per-model bound is 2"
+        for err in refused:
+            assert isinstance(err, openai.APIStatusError), err
+            assert err.status_code == 503 and err.response.headers["retry-after"] == "1"
+            assert "too many requests" in err.message and "cold" in err.message
+        # Another model that is starting still gets a hold, and a model that is up is served.
+        other = pool.submit(ask, "cold2")
+        wait_until(lambda: in_flight("cold2") == 1, 30, "the request for the other starting model to be held")
+        assert not other.done(), other.result()
+        assert sum(gw.served_by(3, model="warm").values()) == 3
+        finish_startup(cold)
+        finish_startup(cold2)
+        for future in [*held, other]:
+            raw = future.result(timeout=60)
+            assert not isinstance(raw, Exception), raw
+            assert raw.http_response.status_code == 200

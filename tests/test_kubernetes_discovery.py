@@ -466,6 +466,43 @@ async def test_watch_outage_keeps_view_marks_stale_and_relist_drops_pod_deleted_
 
 
 @pytest.mark.asyncio
+@pytest.mark.timeout(120)
+async def test_a_source_that_never_listed_is_not_synced_until_a_list_succeeds(
+    control_plane, k8s_namespace, admin, tmp_path
+):
+    """A source started while the API server is unreachable (a health actor restarted during an
+    outage) has seen nothing: it reports the failure, but never `synced`, and publishes no
+    (empty) listing, so nobody can mistake its empty table for "no pods"."""
+    ns = k8s_namespace
+    await blocking(kubelet.create_pod, admin, ns, "p0", VLLM, ip="10.1.0.1", ready=True)
+    proxy = CuttableProxy(control_plane.port)
+    await proxy.start()
+    proxy.cut()
+    try:
+        kubeconfig = kubeconfig_via(control_plane, proxy.port, tmp_path / "via-proxy.kubeconfig")
+        async with running_source(discovery(ns, kubeconfig), wait_synced=False) as sink:
+            table = sink.table
+            await wait_for(lambda: table.discovery.stale_since is not None, what="the source to report the outage")
+            # Several failed attempts, and still: not synced, nothing listed.
+            await wait_for(lambda: proxy.accepted >= 3, what="three failed attempts")
+            assert "unreachable" in table.discovery.message
+            assert not table.discovery.synced, f"synced without a successful list: {table.discovery}"
+            assert sink.count("replace_all") == 0 and table.replica_ids() == []
+
+            proxy.restore()
+            await wait_for(lambda: table.discovery.synced, what="synced after the first successful list")
+            assert sink.source_state(rid(ns, "p0")) is ReplicaState.READY
+            assert table.discovery.stale_since is None
+
+            # Once it has listed, an outage keeps the view and says it is stale: still synced.
+            proxy.cut()
+            await wait_for(lambda: table.discovery.stale_since is not None, what="the second outage")
+            assert table.discovery.synced and sink.source_state(rid(ns, "p0")) is ReplicaState.READY
+    finally:
+        await proxy.close()
+
+
+@pytest.mark.asyncio
 @pytest.mark.timeout(240)
 async def test_apiserver_restart_then_changes_are_seen(control_plane, k8s_namespace, admin):
     ns = k8s_namespace
@@ -640,6 +677,71 @@ async def test_watch_denied_by_rbac_serves_the_list_says_why_and_backs_off(contr
         delays = retry_delays()
         assert delays[4] >= 8 * delays[0], f"no backoff between failed watches: {delays}"
         assert sink.source_state(rid(ns, "p0")) is ReplicaState.READY  # kept throughout
+
+
+# ----------------------------------------------------------------------------- credentials
+
+
+@pytest.fixture
+def no_credentials(monkeypatch, tmp_path) -> Any:
+    """An environment outside any cluster, with no kubeconfig: HOME is an empty directory."""
+    for name in ("KUBERNETES_SERVICE_HOST", "KUBERNETES_SERVICE_PORT", "KUBECONFIG"):
+        monkeypatch.delenv(name, raising=False)
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setattr(kubernetes_discovery, "SERVICE_ACCOUNT_DIR", str(tmp_path / "no-service-account"), raising=False)
+    return home
+
+
+def test_no_credentials_at_all_fails_at_start_up_naming_discovery_kubeconfig(no_credentials, tmp_path):
+    from serve_app.app import build_app
+    from serve_app.config import ConfigError
+
+    with pytest.raises(ConfigError, match="discovery.kubeconfig") as info:
+        KubernetesSource(KubernetesDiscovery())
+    assert "KUBECONFIG" in str(info.value) and "~/.kube/config" in str(info.value)
+    # `serve run configs/app.yaml` builds the app first: it fails there, before any actor starts.
+    with pytest.raises(ConfigError, match="discovery.kubeconfig"):
+        build_app({"discovery": {"kind": "kubernetes", "namespace": "vllm"}})
+    # A kubeconfig that is named but absent is the same mistake.
+    with pytest.raises(ConfigError, match="discovery.kubeconfig.*no-such-file"):
+        KubernetesSource(KubernetesDiscovery(kubeconfig=str(tmp_path / "no-such-file")))
+
+
+def test_in_cluster_credentials_come_first_when_in_a_pod(no_credentials, monkeypatch, tmp_path):
+    account = tmp_path / "serviceaccount"
+    account.mkdir()
+    (account / "token").write_text("token")
+    monkeypatch.setattr(kubernetes_discovery, "SERVICE_ACCOUNT_DIR", str(account))
+    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "10.0.0.1")
+    monkeypatch.setenv("KUBERNETES_SERVICE_PORT", "443")
+    (no_credentials / ".kube").mkdir()
+    (no_credentials / ".kube" / "config").write_text("{}")
+    assert kubernetes_discovery.resolve_credentials(KubernetesDiscovery()).kubeconfig is None  # in-cluster
+    explicit = tmp_path / "explicit.kubeconfig"
+    explicit.write_text("{}")
+    assert kubernetes_discovery.resolve_credentials(KubernetesDiscovery(kubeconfig=str(explicit))).kubeconfig == str(explicit)
+
+
+@pytest.mark.asyncio
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("where", ["KUBECONFIG", "~/.kube/config"])
+async def test_outside_a_cluster_the_kubeconfig_of_kubectl_is_used(
+    where, no_credentials, monkeypatch, control_plane, k8s_namespace, admin
+):
+    """As kubectl and kopf do: with discovery.kubeconfig null and no in-cluster service account,
+    `$KUBECONFIG`, else `~/.kube/config`."""
+    ns = k8s_namespace
+    await blocking(kubelet.create_pod, admin, ns, "p0", VLLM, ip="10.1.0.1", ready=True)
+    if where == "KUBECONFIG":
+        monkeypatch.setenv("KUBECONFIG", str(control_plane.admin_kubeconfig_path))
+    else:
+        (no_credentials / ".kube").mkdir()
+        (no_credentials / ".kube" / "config").write_text(control_plane.admin_kubeconfig_path.read_text())
+    async with running_source(KubernetesDiscovery(namespace=ns)) as sink:
+        await wait_for(lambda: sink.source_state(rid(ns, "p0")) is ReplicaState.READY, what="the pod, listed")
+        assert sink.table.discovery.stale_since is None, sink.table.discovery
 
 
 # ----------------------------------------------------------------------------- scope and scale

@@ -201,3 +201,75 @@ def test_rolling_update_of_pods_under_load_loses_nothing(
     assert report.started == len(report.outcomes) > 100
     bad = [o for o in report.outcomes if o.kind != "ok"]
     assert not bad, report.summary() + "".join(f"\n  {o.kind} {o.replica}: {o.error}" for o in bad[:10])
+
+
+def test_health_actor_restarted_while_apiserver_is_down_keeps_the_last_view(
+    k8s_gateway, k8s_api_client, k8s_namespace, control_plane, pod_sims
+) -> None:
+    """A new health actor that cannot list pods has an empty, unsynced table. The ingress keeps
+    its synced view (now stale) and keeps routing on it; while discovery is stale no model is
+    called unknown (503 + Retry-After + reason, never a 404 that SDKs do not retry)."""
+    import ray
+
+    ns, api = k8s_namespace, k8s_api_client
+    a = pod_sims()
+    pod_a = make_pod(api, ns, "vllm-a", a)
+    gw = k8s_gateway(retry_after_s=3)
+    gw.wait_states({pod_a: "READY"})
+    before = gw.table()
+    with pytest.raises(openai.NotFoundError):  # a fresh, synced view: unknown is unknown
+        gw.sdk().chat.completions.create(model="no-such-model", messages=CHAT, max_tokens=4)
+    (actor,) = [x["name"] for x in ray.util.list_named_actors(all_namespaces=True) if "ReplicaHealth" in x["name"]]
+
+    control_plane.stop_apiserver()
+    try:
+        wait_until(lambda: httpx.get(gw.url + "/readyz", timeout=5).json()["stale"], 30, "the view to turn stale")
+        ray.kill(ray.get_actor(actor, namespace="serve"), no_restart=True)
+
+        def heard_from_the_new_actor() -> dict | None:
+            table = gw.table()
+            restarted = table["epoch"] != before["epoch"] or "new health actor" in table["discovery"]["message"]
+            return table if restarted else None
+
+        table = wait_until(heard_from_the_new_actor, 90, "the ingress to hear from the restarted health actor")
+        assert set(gw.served_by(5, extra_headers=ROUND_ROBIN)) == {pod_a}
+        assert table["epoch"] == before["epoch"], "the synced view was swapped for the new actor's empty one"
+        assert {r["replica_id"]: r["state"] for r in table["replicas"]} == {pod_a: "READY"}
+        assert table["discovery"]["stale"] and "unreachable" in table["discovery"]["message"]
+        with pytest.raises(openai.APIStatusError) as info:
+            gw.sdk().chat.completions.create(model="no-such-model", messages=CHAT, max_tokens=4)
+        assert info.value.status_code == 503
+        assert info.value.response.headers["retry-after"] == "3"
+        assert info.value.response.headers["x-gateway-reason"] == "discovery_stale"
+        ready = httpx.get(gw.url + "/readyz", timeout=5)
+        assert ready.status_code == 200 and ready.json()["stale"]  # it has synced once: it still serves
+    finally:
+        control_plane.start_apiserver()
+    # The new actor lists, and its first view replaces the kept one.
+    wait_until(lambda: gw.table()["epoch"] != before["epoch"], 90, "the restarted actor's synced view")
+    assert gw.states() == {pod_a: "READY"}
+    assert not httpx.get(gw.url + "/readyz", timeout=5).json()["stale"]
+    with pytest.raises(openai.NotFoundError):
+        gw.sdk().chat.completions.create(model="no-such-model", messages=CHAT, max_tokens=4)
+    assert set(gw.served_by(5, extra_headers=ROUND_ROBIN)) == {pod_a}
+
+
+def test_readyz_is_503_until_discovery_has_synced(gateway, control_plane, k8s_namespace, tmp_path) -> None:
+    """Started with credentials for an API server it cannot reach: not ready, and every model is a
+    retryable 503 naming the reason, never a 404."""
+    unreachable = tmp_path / "unreachable.kubeconfig"
+    config = control_plane.admin_kubeconfig_path.read_text()
+    unreachable.write_text(config.replace(f"127.0.0.1:{control_plane.port}", "127.0.0.1:1"))
+    assert unreachable.read_text() != config
+    gw = gateway([], discovery={"kind": "kubernetes", "namespace": k8s_namespace, "kubeconfig": str(unreachable)})
+    ready = wait_until(
+        lambda: (r := httpx.get(gw.url + "/readyz", timeout=5)).status_code == 503 and "unreachable" in r.text and r,
+        60, "/readyz to say why it is not ready",
+    )
+    assert ready.json()["ready"] is False
+    for model in (MODEL, "no-such-model"):
+        with pytest.raises(openai.APIStatusError) as info:
+            gw.sdk().chat.completions.create(model=model, messages=CHAT, max_tokens=4)
+        assert info.value.status_code == 503, info.value
+        assert info.value.response.headers["retry-after"] == "2"
+        assert info.value.response.headers["x-gateway-reason"] == "discovery_not_synced"

@@ -43,6 +43,20 @@ def test_static_urls_need_a_scheme() -> None:
         load_config({"discovery": {"kind": "static", "urls": ["10.0.0.1:8000"]}})
 
 
+def test_holds_are_bounded_below_the_gateway_slots_and_per_model() -> None:
+    # Held requests each occupy one of the Gateway's Serve slots (max_ongoing_requests).
+    hold = load_config({}).hold
+    assert hold.limits(1000) == (500, 250)  # half the slots in all; half of that per model
+    assert hold.limits(8) == (4, 2)
+    assert load_config({"hold": {"max_waiting": 100, "max_waiting_per_model": 10}}).hold.limits(1000) == (100, 10)
+    assert load_config({"hold": {"max_waiting": 0}}).hold.limits(1000) == (0, 0)
+    with pytest.raises(ConfigError) as info:
+        load_config({"hold": {"max_waiting": 1024}}).hold.limits(1000)
+    assert "hold.max_waiting (1024) must be below the Gateway's max_ongoing_requests (1000)" in str(info.value)
+    with pytest.raises(ConfigError, match="hold: Value error, max_waiting_per_model .* must not exceed max_waiting"):
+        load_config({"hold": {"max_waiting": 10, "max_waiting_per_model": 20}})
+
+
 # -- parsing -----------------------------------------------------------------------------
 
 

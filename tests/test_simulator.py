@@ -704,3 +704,11 @@ def test_legacy_metric_names(spawn) -> None:
     for current in ("vllm:kv_cache_usage_perc", "vllm:prefix_cache_queries_total",
                     "vllm:prefix_cache_hits_total"):
         assert current not in text
+
+
+def test_a_lone_surrogate_is_a_400_as_in_vllm(spawn) -> None:
+    sim = spawn()
+    body = b'{"model": "' + MODEL.encode() + b'", "messages": [{"role": "user", "content": "\\ud800 hi"}]}'
+    resp = httpx.post(sim.url + "/v1/chat/completions", content=body, headers={"content-type": "application/json"})
+    assert resp.status_code == 400
+    assert resp.json()["error"]["type"] == "BadRequestError" and "surrogates" in resp.json()["error"]["message"]

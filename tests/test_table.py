@@ -152,3 +152,41 @@ def test_discovery_status_published(table: ReplicaTable) -> None:
     table.set_discovery_status(DiscoveryStatus(synced=True, stale_since=5.0, message="down"))
     snap = table.snapshot()
     assert snap.discovery.stale_since == 5.0 and snap.discovery.synced
+
+
+# -- an ingress replica's copy: what it accepts -----------------------------------------------
+
+
+def _snapshot(epoch: str, version: int, views: tuple, discovery: DiscoveryStatus) -> "Snapshot":
+    from serve_app.replicas import Snapshot
+
+    return Snapshot(epoch=epoch, version=version, replicas=views, known_models=("m",) if views else (), discovery=discovery)
+
+
+def test_ingress_never_swaps_a_synced_view_for_an_unsynced_empty_one(table: ReplicaTable) -> None:
+    from serve_app.ingress.local_view import LocalView
+
+    table.upsert(ep())
+    table.probe_result("a", ok=True)
+    table.set_discovery_status(DiscoveryStatus(synced=True, message="watching 1 pod(s)"))
+    synced = table.snapshot()
+    view = LocalView()
+    # A fresh ingress takes what it gets, even unsynced: it has nothing better.
+    unsynced = _snapshot("e2", 3, (), DiscoveryStatus(synced=False, stale_since=50.0, message="Kubernetes API unreachable: x"))
+    assert view.apply(unsynced) is True
+    assert view.discovery_doubt() == ("discovery_not_synced", "replica discovery has not synced yet: Kubernetes API unreachable: x")
+    assert view.apply(synced) is True
+    assert view.discovery_doubt() is None and view.is_known("m")
+
+    # A restarted actor that cannot list publishes a new epoch with nothing in it: refused.
+    assert view.apply(unsynced) is False
+    assert view.snapshot.epoch == "e1" and view.is_known("m") and view.candidates("m")
+    assert view.snapshot.discovery.synced and view.snapshot.discovery.stale_since == 50.0
+    assert "Kubernetes API unreachable: x" in view.snapshot.discovery.message
+    code, detail = view.discovery_doubt()
+    assert code == "discovery_stale" and "unreachable" in detail
+
+    # The new actor lists (even an empty list is the truth once it is a list): accepted.
+    listed = _snapshot("e2", 4, (), DiscoveryStatus(synced=True, message="watching 0 pod(s)"))
+    assert view.apply(listed) is True
+    assert view.snapshot.epoch == "e2" and not view.is_known("m") and view.discovery_doubt() is None

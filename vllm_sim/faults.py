@@ -30,6 +30,9 @@ class Faults:
     metrics_delay: float = 0.0
     # Send `data: {"error": ...}` then `[DONE]` after N content chunks.
     error_mid_stream_after: int | None = None
+    # Answer 500 to completions/chat whose prompt contains this text: a request that
+    # breaks any engine (the failure follows the request, not the replica).
+    error_status_for_prompts_containing: str | None = None
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -64,6 +67,10 @@ class Faults:
             elif key == "error_status":
                 if not _is_int(value) or not 400 <= value <= 599:  # type: ignore[operator]
                     raise ValueError("error_status must be an integer HTTP status in 400..599")
+                changes[key] = value
+            elif key == "error_status_for_prompts_containing":
+                if not isinstance(value, str) or not value:
+                    raise ValueError("error_status_for_prompts_containing must be a non-empty string or null")
                 changes[key] = value
             elif key == "metrics_delay":
                 if not isinstance(value, (int, float)) or value is True or value < 0:

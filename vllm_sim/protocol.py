@@ -56,6 +56,15 @@ def parse_json(raw: bytes) -> dict[str, Any]:
     return body
 
 
+def _encodable(prompt: str) -> str:
+    """vLLM's tokenizer cannot encode a lone surrogate; vLLM answers that with a 400."""
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise RequestError(str(exc)) from None
+    return prompt
+
+
 def parse_chat(body: dict[str, Any]) -> GenerationRequest:
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
@@ -67,7 +76,7 @@ def parse_chat(body: dict[str, Any]) -> GenerationRequest:
         if content is not None and not isinstance(content, str):
             if not isinstance(content, list) or not all(isinstance(p, dict) for p in content):
                 raise RequestError(f"messages[{i}].content must be a string or a list of parts")
-    prompt = render_chat(messages)
+    prompt = _encodable(render_chat(messages))
     max_tokens = _opt_int(body, "max_completion_tokens")
     if max_tokens is None:
         max_tokens = _opt_int(body, "max_tokens")
@@ -83,7 +92,7 @@ def parse_completion(body: dict[str, Any]) -> GenerationRequest:
     ):
         prompt_field = prompt_field[0]  # a batch of one
     if isinstance(prompt_field, str):
-        prompt, tokens = prompt_field, token_ids(prompt_field)
+        prompt, tokens = _encodable(prompt_field), token_ids(prompt_field)
     elif isinstance(prompt_field, list) and all(_is_int(t) for t in prompt_field):
         tokens = list(prompt_field)
         bad = [t for t in tokens if not 0 <= t < VOCAB_SIZE]

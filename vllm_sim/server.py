@@ -245,6 +245,9 @@ class SimServer:
                 max_tokens = self._max_tokens(req)
             except RequestError as exc:
                 return self._error(ex, exc.status, exc.message, exc.err_type)
+            marker = self.faults.error_status_for_prompts_containing
+            if marker is not None and marker in req.prompt:
+                return self._error(ex, 500, "Simulated failure for this prompt.", "InternalServerError")
             plan = generate(model, req.prompt, max_tokens, ignore_eos=req.ignore_eos, seed=self.config.seed)
             request_id = ("chatcmpl-" if req.kind == "chat" else "cmpl-") + ex.key
             if req.stream:

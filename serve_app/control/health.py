@@ -3,7 +3,10 @@
 It runs as a one-replica Serve deployment, so it lives and dies with the application
 and Serve restarts it if it crashes; a restarted actor rebuilds its view from the
 discovery source and its own probes before it publishes anything (a fresh actor never
-tells ingress replicas that everything is PENDING).
+tells ingress replicas that everything is PENDING). A view is trusted only after the
+source's first successful listing; until then, if the source fails, the actor publishes
+its empty table marked unsynced, with the reason, and ingress replicas that hold a synced
+view keep it (`LocalView.apply`).
 
 Ingress replicas long-poll `snapshot_since`; nothing here is on the request path.
 """
@@ -73,10 +76,22 @@ class ReplicaHealth:
         self._loops.check()
 
     def _on_change(self) -> None:
-        self._changed.set()
-        self._changed = asyncio.Event()
+        self._wake_pollers()
         if self._table.awaiting_first_probe():
             self._probe_now.set()
+
+    def _wake_pollers(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    def _publishable(self) -> bool:
+        """Warm (the first full view is built), or the source failed before it ever listed.
+
+        The latter is published as it is, empty and `synced=False` with the source's reason,
+        so ingress replicas can tell why nothing is routable instead of hearing nothing.
+        """
+        status = self._table.discovery
+        return self._warm.is_set() or (not status.synced and status.stale_since is not None)
 
     # -- the loops --------------------------------------------------------------------
 
@@ -106,6 +121,7 @@ class ReplicaHealth:
             await self._probe_all(ids, refresh_models=full_round and rounds % MODELS_REFRESH_ROUNDS == 0)
             if full_round and self._table.discovery.synced and not self._warm.is_set():
                 self._warm.set()
+                self._wake_pollers()
                 log.info("replica view ready: %d replica(s)", len(self._table.replica_ids()))
 
     def _probe_wanted(self, replica_id: str, full_round: bool) -> bool:
@@ -138,14 +154,9 @@ class ReplicaHealth:
     # -- what ingress replicas call ------------------------------------------------------
 
     async def snapshot_since(self, epoch: str | None, version: int, timeout_s: float = LONG_POLL_TIMEOUT_S) -> Snapshot | None:
-        """The current snapshot once it is newer than (epoch, version); None on timeout."""
+        """The current snapshot once it is newer than (epoch, version) and publishable; None on timeout."""
         deadline = time.monotonic() + timeout_s
-        if not self._warm.is_set():
-            try:
-                await asyncio.wait_for(self._warm.wait(), timeout=timeout_s)
-            except TimeoutError:
-                return None
-        while epoch == self._table.epoch and self._table.version <= version:
+        while not self._publishable() or (epoch == self._table.epoch and self._table.version <= version):
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return None

@@ -74,3 +74,16 @@ def no_ready_replica(model: str, detail: str, retry_after_s: int) -> GatewayErro
         code="no_ready_replica",
         retry_after_s=retry_after_s,
     )
+
+
+def model_unconfirmed(model: str, code: str, detail: str, retry_after_s: int) -> GatewayError:
+    """A model missing from a view that cannot be trusted to say it does not exist: 503, not 404."""
+    return GatewayError(
+        503,
+        f"The model `{model}` is not in the gateway's replica view, and that view is not current ({detail}). "
+        "Retry shortly.",
+        type="service_unavailable_error",
+        code=code,
+        param="model",
+        retry_after_s=retry_after_s,
+    )

@@ -82,6 +82,8 @@ class Forwarder:
         session: aiohttp.ClientSession,
         report_failure: Callable[[str, str], None],
         metrics: RequestMetrics,
+        *,
+        slots: int,
     ) -> None:
         self._config = config
         self._view = view
@@ -91,6 +93,9 @@ class Forwarder:
         self._metrics = metrics
         self._consecutive_5xx: dict[str, int] = {}
         self._held = 0  # requests waiting for a replica to start
+        self._held_by_model: dict[str, int] = {}  # the same, per model (no zero entries)
+        # Each held request occupies one of this replica's `slots` Serve slots: bounded below them.
+        self._hold_limit, self._hold_limit_per_model = config.hold.limits(slots)
 
     async def forward(
         self, path: str, body: bytes, parsed: ParsedRequest, request_id: str, router: Router
@@ -123,6 +128,7 @@ class Forwarder:
         retries = self._config.retries
         last: _AttemptError | None = None
         tried: list[Candidate] = []
+        answered_5xx: list[Candidate] = []  # judged once we know whether the request or the replica is at fault
         for candidate in ordered[: retries.max_attempts]:
             if tried and time.monotonic() - started > retries.budget_s:
                 break
@@ -142,39 +148,64 @@ class Forwarder:
             except _AttemptError as err:
                 lease.release()
                 last = err
-                self._note_failure(candidate, err)
+                log.warning("attempt on %s failed: %s (%s)", candidate.replica_id, err.kind.value, err.detail)
+                if err.kind is Failure.STATUS:
+                    answered_5xx.append(candidate)
+                else:
+                    self._report(candidate, err.kind, err.detail)
                 continue
             except BaseException:
                 lease.release()
                 raise
+            self._count_5xx(answered_5xx, served=True)
             return response
         assert last is not None
+        self._count_5xx(answered_5xx, served=False)
         return self._give_up(model, last, tried)
 
     async def _hold(self, model: str, started: float) -> list[Candidate] | GatewayError:
-        """No READY replica: wait for a starting one (no polling: each snapshot wakes us)."""
+        """No READY replica: wait for a starting one (no polling: each snapshot wakes us).
+
+        A held request keeps its Serve slot, so holds are bounded in all (below the slot
+        count) and per model: one model's cold start cannot take the slots that other
+        models and /metrics need. Past a bound: 503 at once, with a short Retry-After.
+        """
         hold = self._config.hold
         deadline = started + hold.timeout_s
-        while True:
-            if not self._view.has_coming(model):
-                return no_ready_replica(model, "no replica is ready and none is starting", self._config.retry_after_s)
-            if self._held >= hold.max_waiting:
-                return no_ready_replica(
-                    model, "too many requests are already waiting for replicas to start", hold.retry_after_starting_s
-                )
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return no_ready_replica(
-                    model, f"replicas are still starting after {hold.timeout_s:g}s", hold.retry_after_starting_s
-                )
-            self._held += 1
-            try:
+        if not self._view.has_coming(model):
+            return no_ready_replica(model, "no replica is ready and none is starting", self._config.retry_after_s)
+        held_here = self._held_by_model.get(model, 0)
+        if self._held >= self._hold_limit or held_here >= self._hold_limit_per_model:
+            limit = (
+                f"{held_here} for this model, limit {self._hold_limit_per_model}"
+                if held_here >= self._hold_limit_per_model
+                else f"{self._held} in all, limit {self._hold_limit}"
+            )
+            return no_ready_replica(
+                model, f"too many requests are already waiting for replicas to start ({limit})", hold.retry_after_starting_s
+            )
+        self._held += 1
+        self._held_by_model[model] = held_here + 1
+        try:
+            while True:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return no_ready_replica(
+                        model, f"replicas are still starting after {hold.timeout_s:g}s", hold.retry_after_starting_s
+                    )
                 await self._view.wait_for_change(remaining)
-            finally:
-                self._held -= 1
-            candidates = self._view.candidates(model, self._inflight.count)
-            if candidates:
-                return candidates
+                candidates = self._view.candidates(model, self._inflight.count)
+                if candidates:
+                    return candidates
+                if not self._view.has_coming(model):
+                    return no_ready_replica(model, "no replica is ready and none is starting", self._config.retry_after_s)
+        finally:
+            self._held -= 1
+            left = self._held_by_model[model] - 1
+            if left:
+                self._held_by_model[model] = left
+            else:
+                del self._held_by_model[model]
 
     async def _attempt(
         self,
@@ -305,15 +336,25 @@ class Forwarder:
                 self._metrics.stream_error(model, candidate.replica_id)
             self._metrics.finished(model, 200 if outcome == "ok" else outcome, candidate.replica_id, time.monotonic() - started)
 
-    def _note_failure(self, candidate: Candidate, err: _AttemptError) -> None:
-        log.warning("attempt on %s failed: %s (%s)", candidate.replica_id, err.kind.value, err.detail)
-        if err.kind is Failure.STATUS:
+    def _count_5xx(self, answered_5xx: list[Candidate], served: bool) -> None:
+        """Count 5xx answers toward ejection only when the replica, not the request, is at fault.
+
+        If another replica served the request, the ones that answered 5xx failed on their
+        own. If two or more replicas answered this same request with 5xx and none served
+        it, the failure follows the request (bad input, say): ejecting them would let one
+        bad request take the fleet out, so none is counted.
+        """
+        if not answered_5xx or (not served and len(answered_5xx) > 1):
+            if answered_5xx:
+                log.warning("%d replicas answered the same request with 5xx: not counted against them", len(answered_5xx))
+            return
+        for candidate in answered_5xx:
             count = self._consecutive_5xx.get(candidate.replica_id, 0) + 1
             if count < self._config.health.eject_after_failures:
                 self._consecutive_5xx[candidate.replica_id] = count
-                return
+                continue
             self._consecutive_5xx.pop(candidate.replica_id, None)
-        self._report(candidate, err.kind, err.detail)
+            self._report(candidate, Failure.STATUS, f"{count} consecutive 5xx answers")
 
     def _report(self, candidate: Candidate, kind: Failure, detail: str) -> None:
         self._view.eject_locally(candidate.replica_id, self._config.health.ejection_base_s)

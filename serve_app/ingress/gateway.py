@@ -26,7 +26,7 @@ from routers import ROUTER_NAMES, PrefixIndex, Router, build_router
 from ..background import BackgroundLoops
 from ..config import GatewayConfig, load_config
 from ..metrics import UNKNOWN_MODEL, RequestMetrics
-from .errors import GatewayError, bad_request, error_body, model_not_found, no_ready_replica
+from .errors import GatewayError, bad_request, error_body, model_not_found, model_unconfirmed, no_ready_replica
 from .forwarding import Forwarder
 from .inflight import InflightTracker
 from .kv_events import KVEventConsumer
@@ -40,6 +40,7 @@ METRICS_PUSH_INTERVAL_S = 1.0
 FIRST_SNAPSHOT_WAIT_S = 30.0
 MAX_PENDING_REPORTS = 256
 SESSION_HEADER = "x-session-id"
+MAX_ONGOING_REQUESTS = 1000  # the Gateway's Serve slots unless the Serve config sets its own
 
 app = FastAPI(title="LLM gateway", docs_url=None, redoc_url=None, openapi_url=None)
 
@@ -81,6 +82,14 @@ def _too_large(limit: int) -> GatewayError:
     )
 
 
+def _serve_slots() -> int:
+    """This replica's max_ongoing_requests as Serve runs it (the Serve config may override ours)."""
+    try:
+        return serve.get_replica_context()._deployment_config.max_ongoing_requests
+    except Exception:  # noqa: BLE001 - outside Serve (unit tests)
+        return MAX_ONGOING_REQUESTS
+
+
 def _replica_id() -> str:
     try:
         return serve.get_replica_context().replica_id.unique_id
@@ -90,7 +99,7 @@ def _replica_id() -> str:
 
 @serve.deployment(
     name="Gateway",
-    max_ongoing_requests=1000,  # an I/O-bound proxy: requests mostly wait on replicas
+    max_ongoing_requests=MAX_ONGOING_REQUESTS,  # an I/O-bound proxy: requests mostly wait on replicas
     ray_actor_options={"num_cpus": 0.5},
     graceful_shutdown_timeout_s=60,
     graceful_shutdown_wait_loop_s=1,
@@ -128,7 +137,8 @@ class Gateway:
         self._metrics = RequestMetrics()
         self._pending_reports: set[asyncio.Task] = set()
         self._forwarder = Forwarder(
-            self._config, self._view, self._inflight, self._session, self._report_failure, self._metrics
+            self._config, self._view, self._inflight, self._session, self._report_failure, self._metrics,
+            slots=_serve_slots(),
         )
         self._loops = BackgroundLoops()
         self._loops.start("snapshot-poll", self._poll_snapshots())
@@ -254,6 +264,10 @@ class Gateway:
             if not self._view.has_snapshot:
                 raise no_ready_replica(model, "the gateway has no replica view yet", self._config.retry_after_s)
             if not self._view.is_known(model):
+                # Unknown only by a view that is current: stale or never-synced discovery may not have seen it yet.
+                doubt = self._view.discovery_doubt()
+                if doubt is not None:
+                    raise model_unconfirmed(model, *doubt, self._config.retry_after_s)
                 raise model_not_found(model)
             model_label = model
             router = self._router_for(request)
@@ -307,6 +321,12 @@ class Gateway:
         snapshot = self._view.snapshot
         if snapshot is None:
             return JSONResponse({"ready": False, "reason": "no replica view yet"}, status_code=503)
+        if not snapshot.discovery.synced:  # until discovery has listed once, its view is no view
+            return JSONResponse(
+                {"ready": False, "reason": f"replica discovery has not synced yet: {snapshot.discovery.message}",
+                 "discovery": snapshot.discovery.message},
+                status_code=503,
+            )
         return JSONResponse(
             {
                 "ready": True,

@@ -5,17 +5,22 @@ request costs a dict lookup plus one `Candidate` per replica carrying this ingre
 in-flight count: routing policies get their load as data, not by reaching into the
 forwarding layer's tracker. Failures this ingress sees itself take a replica out of
 its own choices at once, before the actor's ejection comes back in the next snapshot.
+
+A view is trusted once its discovery has listed (`synced`). A snapshot that has not is
+empty (a health actor restarted while Kubernetes is unreachable); it never replaces a
+synced view, which is kept and marked stale with the new actor's reason instead.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import Callable
 
 from routers import Candidate
 
-from ..replicas import LoadSample, LoadUpdate, ReplicaState, ReplicaView, Snapshot
+from ..replicas import DiscoveryStatus, LoadSample, LoadUpdate, ReplicaState, ReplicaView, Snapshot
 
 
 def _nothing_in_flight(replica_id: str) -> int:
@@ -45,7 +50,17 @@ class LocalView:
         except TimeoutError:
             return False
 
-    def apply(self, snapshot: Snapshot) -> None:
+    def apply(self, snapshot: Snapshot) -> bool:
+        """Take a newer snapshot; False if it was refused (unsynced, while this view is synced)."""
+        current = self.snapshot
+        if not snapshot.discovery.synced and current is not None and current.discovery.synced:
+            new = snapshot.discovery
+            stale_since = current.discovery.stale_since or new.stale_since or self._wall()
+            message = f"a new health actor has not listed replicas yet ({new.message or 'no listing'}); keeping the last synced view"
+            self.snapshot = dataclasses.replace(
+                current, discovery=DiscoveryStatus(synced=True, stale_since=stale_since, message=message)
+            )
+            return False
         ready: dict[str, list[ReplicaView]] = {}
         coming: set[str] = set()
         for view in snapshot.replicas:  # already sorted by replica_id
@@ -63,6 +78,7 @@ class LocalView:
         self.received_at = time.time()
         self._changed.set()  # wake everything waiting for this snapshot
         self._changed = asyncio.Event()
+        return True
 
     @property
     def has_snapshot(self) -> bool:
@@ -70,6 +86,21 @@ class LocalView:
 
     def is_known(self, model: str) -> bool:
         return model in self._known or model in self._ready
+
+    def discovery_doubt(self) -> tuple[str, str] | None:
+        """(code, why) when a model missing from this view may exist all the same; else None.
+
+        Discovery that never listed or lost its backend cannot tell "no such model" from
+        "not seen yet": the answer is then a retryable 503, never a 404.
+        """
+        status = self.snapshot.discovery if self.snapshot is not None else None
+        if status is None or not status.synced:
+            why = status.message if status is not None and status.message else "no listing yet"
+            return "discovery_not_synced", f"replica discovery has not synced yet: {why}"
+        if status.stale_since is not None:
+            since = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(status.stale_since))
+            return "discovery_stale", f"replica discovery is stale since {since}: {status.message}"
+        return None
 
     def has_coming(self, model: str) -> bool:
         return model in self._coming

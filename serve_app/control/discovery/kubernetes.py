@@ -5,7 +5,13 @@ The loop follows what kopf and client-go informers learnt the hard way:
 - on 410 Gone, a watch error or a dropped connection, list again and reconcile with
   `replace_all`, so a pod deleted while the watch was down cannot survive as a ghost;
 - reconnect with capped exponential backoff, and re-list on a fixed resync period;
-- while the API server is unreachable, keep the last view and say since when it is stale.
+- while the API server is unreachable, keep the last view and say since when it is stale;
+- `synced` only once a list has succeeded: a source that never listed has seen nothing,
+  and its empty table must not pass for "no pods".
+
+Credentials are looked for as kubectl and kopf do: `discovery.kubeconfig` if set; in a pod,
+its service account; else `$KUBECONFIG`; else `~/.kube/config`. Finding none is a
+configuration error, raised at start-up (not retried for ever in the watch thread).
 
 The blocking client runs in one thread; every change is handed to the event loop.
 """
@@ -15,13 +21,15 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import socket
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
-from ...config import KubernetesDiscovery
+from ...config import ConfigError, KubernetesDiscovery
 from ...replicas import DiscoveryStatus, Endpoint
 from .base import DiscoverySink
 from .pods import endpoint_from_pod, pod_replica_id
@@ -31,6 +39,47 @@ log = logging.getLogger(__name__)
 LIST_PAGE_SIZE = 500
 CONNECT_TIMEOUT_S = 5.0
 MAX_BACKOFF_S = 10.0
+
+
+SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
+DEFAULT_KUBECONFIG = "~/.kube/config"
+
+
+@dataclass(frozen=True, slots=True)
+class Credentials:
+    """Where the Kubernetes client gets its credentials: a kubeconfig, or (None) the pod's service account."""
+
+    kubeconfig: str | None
+    description: str
+
+
+def resolve_credentials(config: KubernetesDiscovery) -> Credentials:
+    """Find credentials as kubectl and kopf do, or raise a ConfigError that says what to set."""
+    if config.kubeconfig:
+        path = os.path.expanduser(config.kubeconfig)
+        if not os.path.isfile(path):
+            raise ConfigError(f"discovery.kubeconfig: no such file: {config.kubeconfig}")
+        return Credentials(path, f"kubeconfig {path} (discovery.kubeconfig)")
+    token = os.path.join(SERVICE_ACCOUNT_DIR, "token")
+    in_pod = os.environ.get("KUBERNETES_SERVICE_HOST") and os.environ.get("KUBERNETES_SERVICE_PORT")
+    if in_pod and os.path.isfile(token):
+        return Credentials(None, "in-cluster service account")
+    listed = [path for path in os.environ.get("KUBECONFIG", "").split(os.pathsep) if path]
+    found = [path for path in listed if os.path.isfile(os.path.expanduser(path))]
+    if found:
+        return Credentials(os.pathsep.join(os.path.expanduser(path) for path in found), f"$KUBECONFIG ({', '.join(found)})")
+    default = os.path.expanduser(DEFAULT_KUBECONFIG)
+    if os.path.isfile(default):
+        return Credentials(default, f"kubeconfig {default}")
+    not_in_pod = (
+        f"no service account token at {token}" if in_pod else "not in a Kubernetes pod (KUBERNETES_SERVICE_HOST is not set)"
+    )
+    kubeconfig = f"$KUBECONFIG names no existing file ({os.environ['KUBECONFIG']})" if listed else "$KUBECONFIG is not set"
+    raise ConfigError(
+        f"discovery.kind=kubernetes found no Kubernetes credentials: {not_in_pod}, {kubeconfig}, "
+        f"and there is no {DEFAULT_KUBECONFIG}. Set discovery.kubeconfig to a kubeconfig path, "
+        "or run in a pod with a service account"
+    )
 
 
 class _WatchExpired(Exception):
@@ -72,6 +121,8 @@ def describe_failure(exc: BaseException, namespace: str | None) -> str:
 class KubernetesSource:
     def __init__(self, config: KubernetesDiscovery, api_client_factory: Callable[[], Any] | None = None) -> None:
         self._config = config
+        # Resolved here, in the health actor's constructor: missing credentials fail the start-up.
+        self._credentials = resolve_credentials(config) if api_client_factory is None else None
         self._api_client_factory = api_client_factory or self._default_api_client
         self._stop = threading.Event()
         self._response: Any = None
@@ -82,6 +133,8 @@ class KubernetesSource:
         def post(fn: Callable[..., None], *args: Any) -> None:
             loop.call_soon_threadsafe(fn, *args)
 
+        if self._credentials is not None:
+            log.info("pod discovery uses %s", self._credentials.description)
         thread = threading.Thread(target=self._loop, args=(post, sink), name="pod-watch", daemon=True)
         thread.start()
         try:
@@ -97,8 +150,9 @@ class KubernetesSource:
     def _default_api_client(self) -> Any:
         from kubernetes import client, config
 
-        if self._config.kubeconfig:
-            return config.new_client_from_config(config_file=self._config.kubeconfig)
+        assert self._credentials is not None
+        if self._credentials.kubeconfig is not None:
+            return config.new_client_from_config(config_file=self._credentials.kubeconfig)
         configuration = client.Configuration()
         config.load_incluster_config(client_configuration=configuration)
         return client.ApiClient(configuration)
@@ -108,6 +162,7 @@ class KubernetesSource:
 
         api = None
         backoff = 0.2
+        synced = False  # a list has succeeded: until then the table holds nothing we saw
         failing_since: float | None = None
         resource_version: str | None = None
         next_resync = 0.0
@@ -122,6 +177,7 @@ class KubernetesSource:
                         sink.set_discovery_status,
                         DiscoveryStatus(synced=True, message=f"watching {len(endpoints)} pod(s)"),
                     )
+                    synced = True
                     failing_since = None
                     next_resync = time.monotonic() + self._config.resync_period_s
                 watch_for = max(1, min(self._config.watch_timeout_s, int(next_resync - time.monotonic()) + 1))
@@ -143,7 +199,7 @@ class KubernetesSource:
                 log.warning("%s; retrying in %.1fs", message, backoff)
                 post(
                     sink.set_discovery_status,
-                    DiscoveryStatus(synced=True, stale_since=failing_since, message=message),
+                    DiscoveryStatus(synced=synced, stale_since=failing_since, message=message),
                 )
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, MAX_BACKOFF_S)
