@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import NamedTuple, Protocol, runtime_checkable
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,9 +71,8 @@ class Ranking(list):
         self.expected = expected
 
 
-@dataclass(frozen=True, slots=True)
-class Estimate:
-    """What a cost-based router predicted for one candidate."""
+class Estimate(NamedTuple):
+    """What a cost-based router predicted for one candidate (a tuple: cheap to make per request)."""
 
     cached_tokens: int
     uncached_tokens: int

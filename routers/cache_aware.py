@@ -35,6 +35,7 @@ from .rendezvous import StableIds, weight
 DEFAULT_SLOTS = 8  # running slots assumed until a replica is seen saturated
 MAX_ESTIMATES = 10  # estimates kept for the first candidates: the most attempts forwarding makes
 TIE_S = 1e-9
+SCORE_ALL_UP_TO = 16  # above this many candidates, score a window of them (see choose)
 EVICTION_WEIGHT = 1.0  # evicted tokens are assumed as likely to be wanted again as the new ones
 MAX_MODELS = 1024  # latency models kept; model names come from requests
 
@@ -70,10 +71,27 @@ class CacheAwareRouter:
         return found
 
     def choose(self, facts: RoutingFacts, candidates: Sequence[Candidate]) -> Ranking:
-        # The request path at hundreds of replicas: one flat pass, no per-candidate objects.
+        matched = self.index.match(facts.blocks) if facts.blocks else {}
+        if len(candidates) <= SCORE_ALL_UP_TO:
+            return self._rank(facts, candidates, matched)
+        # Many replicas: score the ones holding the prefix plus a window of SCORE_ALL_UP_TO
+        # others (least loaded of a window is close to least loaded of all, as in
+        # power-of-d choices). The window starts where the request's affinity key points,
+        # so every ingress replica scores the same window; the rest follow unscored.
+        n = len(candidates)
+        start = facts.affinity_key % n
+        subset = [candidates[(start + j) % n] for j in range(SCORE_ALL_UP_TO)]
+        if matched:
+            subset.extend(c for c in candidates if c.replica_id in matched)
+        scored = set(map(id, subset))
+        ranked = self._rank(facts, list({id(c): c for c in subset}.values()), matched)
+        ranked.extend(c for c in candidates if id(c) not in scored)
+        return ranked
+
+    def _rank(self, facts: RoutingFacts, candidates: Sequence[Candidate], matched: dict[str, int]) -> Ranking:
+        # The request path: one flat pass, no per-candidate objects.
         n = len(candidates)
         latency = self.latency(facts.model)
-        matched = self.index.match(facts.blocks) if facts.blocks else {}
         per_block = facts.block_tokens
         prompt = facts.prompt_tokens
         service = latency.service_s

@@ -267,7 +267,12 @@ def test_at_100_replicas_the_holder_still_wins() -> None:
     owners = {g: route(router, facts_for(f"group {g} " * 300), cands) for g in range(50)}
     assert len(set(owners.values())) > 10  # spread over many replicas
     for g, owner in owners.items():
-        assert router.choose(facts_for(f"group {g} " * 300 + "next"), cands)[0].replica_id == owner
+        ranking = router.choose(facts_for(f"group {g} " * 300 + "next"), cands)
+        assert ranking[0].replica_id == owner
+        assert sorted(c.replica_id for c in ranking) == [c.replica_id for c in cands]  # all of them, once
+    # A prompt nobody holds goes to the least loaded of the window it scores (load 0 here).
+    fresh = router.choose(facts_for("never seen " * 300), cands)
+    assert fresh[0].running == 0
 
 
 # ------------------------------------------------------------------ session affinity
