@@ -189,6 +189,10 @@ class Routing(_Strict):
         default=None, gt=0,
         description="Scraped load older than this is not trusted; null: 5 scrape intervals (at least 1 s).",
     )
+    share_placements_s: float | None = Field(
+        default=0.1, gt=0,
+        description="Ingress replicas tell each other where they placed prompts this often (null: never).",
+    )
     tokenizer: Tokenizer = Field(default_factory=Tokenizer)
     kv_events: KVEvents = Field(default_factory=KVEvents)
 

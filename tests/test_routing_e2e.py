@@ -131,3 +131,23 @@ def test_precise_mode_follows_kv_events_with_several_ingress_replicas(event_simu
     wait_until(every_ingress_knows, 20, "both ingress replicas to learn the target's blocks from its events")
     served = Counter(ask(gw, f"question {i}") for i in range(10))
     assert served == {target.url: 10}
+
+
+def test_approximate_mode_ingress_replicas_share_their_placements(simulators, gateway) -> None:
+    sims = simulators(3)
+    gw = gateway([s.url for s in sims], ingress_replicas=2)
+    gw.wait_states({s.url: "READY" for s in sims})
+    assert gw.table()["routing"]["prefix_index"].startswith("approximate")
+    holder = ask(gw, "first question")
+
+    def every_ingress_knows() -> bool:
+        seen = {t["ingress_replica"]: t for t in (gw.table() for _ in range(8))}
+        return len(seen) == 2 and all(
+            next(r for r in t["replicas"] if r["replica_id"] == holder)["prefix_index_blocks"] > 0
+            for t in seen.values()
+        )
+
+    # Whichever ingress replica placed it, the other learns it (through the health actor).
+    wait_until(every_ingress_knows, 20, "both ingress replicas to know where the prefix went")
+    served = Counter(ask(gw, f"question {i}") for i in range(10))
+    assert served == {holder: 10}

@@ -28,6 +28,7 @@ from ..metrics import FamilyData, MetricsAggregator, render, replica_state_metri
 from ..replicas import LoadUpdate, ReplicaState, Snapshot
 from .discovery import build_source
 from .load_scraper import LoadScraper
+from .placements import PlacementRelay
 from .prober import Prober
 from .table import ReplicaTable
 
@@ -67,6 +68,7 @@ class ReplicaHealth:
         )
         self._prober = Prober(self._session, health.probe_timeout_s)
         self._loads = LoadScraper(self._table.epoch, health.metrics_interval_s)
+        self._placements = PlacementRelay()
         self._loops = BackgroundLoops()
         self._loops.start("discovery", build_source(self._config).run(self._table))
         self._loops.start("probes", self._probe_loop())
@@ -175,6 +177,13 @@ class ReplicaHealth:
         log.warning("replica %s reported failing: %s", replica_id, reason)
         self._table.report_failure(replica_id, reason)
         self._probe_now.set()
+
+    def share_placements(self, origin: str, placements: list[tuple[str, tuple[int, ...]]]) -> None:
+        """An ingress replica's recent routing placements, for the others' prefix indexes."""
+        self._placements.share(origin, placements)
+
+    async def placements_since(self, origin: str, seq: int) -> tuple[int, list[tuple[str, tuple[int, ...]]]]:
+        return await self._placements.since(origin, seq)
 
     def push_metrics(self, source_id: str, families: tuple[FamilyData, ...]) -> None:
         self._metrics.push(source_id, families)

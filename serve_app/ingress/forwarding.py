@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+from collections import deque
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -92,6 +93,8 @@ class Forwarder:
         self._report_failure = report_failure
         self._metrics = metrics
         self._consecutive_5xx: dict[str, int] = {}
+        # Placements to share with the other ingress replicas (None: not shared).
+        self.placements: deque[tuple[str, tuple[int, ...]]] | None = None
         self._held = 0  # requests waiting for a replica to start
         self._held_by_model: dict[str, int] = {}  # the same, per model (no zero entries)
         # Each held request occupies one of this replica's `slots` Serve slots: bounded below them.
@@ -136,6 +139,8 @@ class Forwarder:
             lease = self._inflight.acquire(candidate.replica_id)
             if placed is not None:
                 placed(facts, candidate)
+                if facts.blocks and self.placements is not None:
+                    self.placements.append((candidate.replica_id, facts.blocks))
             feedback = None
             if observe is not None and expected is not None and candidate.replica_id in expected:
                 estimate = expected[candidate.replica_id]

@@ -10,6 +10,7 @@ import asyncio
 import logging
 import time
 import uuid
+from collections import deque
 from typing import Any
 
 import aiohttp
@@ -37,6 +38,7 @@ from .tokenizer import build_tokenizer
 log = logging.getLogger("ray.serve")
 
 METRICS_PUSH_INTERVAL_S = 1.0
+MAX_SHARED_PLACEMENTS = 4096  # outbox bound if the actor is away
 FIRST_SNAPSHOT_WAIT_S = 30.0
 MAX_PENDING_REPORTS = 256
 SESSION_HEADER = "x-session-id"
@@ -144,6 +146,10 @@ class Gateway:
         self._loops.start("snapshot-poll", self._poll_snapshots())
         self._loops.start("load-poll", self._poll_loads())
         self._loops.start("metrics-push", self._push_metrics())
+        if self._config.routing.share_placements_s is not None:
+            self._forwarder.placements = deque(maxlen=MAX_SHARED_PLACEMENTS)
+            self._loops.start("placements-push", self._push_placements(self._forwarder.placements))
+            self._loops.start("placements-poll", self._poll_placements())
         if not await self._view.wait_for_change(FIRST_SNAPSHOT_WAIT_S):
             log.warning("no replica view after %.0fs; answering 503 until one arrives", FIRST_SNAPSHOT_WAIT_S)
 
@@ -199,6 +205,38 @@ class Gateway:
                 continue
             self._view.apply_loads(update, self._inflight.count)
             epoch, version = update.epoch, update.version
+
+    async def _push_placements(self, outbox: deque[tuple[str, tuple[int, ...]]]) -> None:
+        """Tell the other ingress replicas where this one placed prompts (off the request path)."""
+        interval = self._config.routing.share_placements_s
+        while True:
+            await asyncio.sleep(interval)
+            if not outbox:
+                continue
+            batch = list(outbox)
+            outbox.clear()
+            try:
+                await self._health.share_placements.remote(self._id, batch)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - a lost batch only costs some cache hits
+                pass
+
+    async def _poll_placements(self) -> None:
+        """Others' placements go into this replica's prefix index as if it had made them."""
+        seq = 0
+        while True:
+            try:
+                seq, placements = await self._health.placements_since.remote(self._id, seq)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - the actor is away: carry on with what we know
+                await asyncio.sleep(1.0)
+                continue
+            live = set(self._view.replica_ids())
+            for replica_id, keys in placements:
+                if replica_id in live:
+                    self._index.add(replica_id, keys)
 
     async def _push_metrics(self) -> None:
         while True:
@@ -381,7 +419,10 @@ class Gateway:
         why = "routing.kv_events.enabled is false" if not routing.kv_events.enabled else (
             "KV events are on but routing.tokenizer.kind is none: requests cannot be keyed like the replicas' blocks"
         )
-        return f"approximate: learned from this replica's own routing decisions ({why})"
+        source = "routing decisions (this replica's, and the other ingress replicas' shared through the health actor)"
+        if routing.share_placements_s is None:
+            source = "this replica's own routing decisions"
+        return f"approximate: learned from {source} ({why})"
 
     def _load_dict(self, replica_id: str) -> dict[str, Any] | None:
         sample = self._view.loads.get(replica_id)
