@@ -26,7 +26,6 @@ import asyncio
 import gc
 import itertools
 import json
-import math
 import os
 import platform
 import re
@@ -44,6 +43,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from bench.common import CpuMeter, listener_of, percentile, serve_mode_environment  # noqa: E402  (stdlib only)
 from vllm_sim.testing import SimulatorProcess, free_port  # noqa: E402  (stdlib only)
 
 MODEL = "bench-model"
@@ -97,60 +97,6 @@ def make_shapes(args: argparse.Namespace) -> dict[str, Shape]:
 
 
 # --------------------------------------------------------------------------------------
-# CPU accounting from /proc (Linux): which process spent the CPU time for a request
-# --------------------------------------------------------------------------------------
-
-_CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-
-
-def _proc_cpu_s(pid: int) -> float | None:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-    except OSError:
-        return None
-    fields = data[data.rindex(b")") + 2 :].split()
-    return (int(fields[11]) + int(fields[12])) / _CLK_TCK  # utime + stime, all threads
-
-
-def _machine_busy_s() -> float | None:
-    try:
-        with open("/proc/stat", "rb") as f:
-            parts = f.readline().split()
-    except OSError:
-        return None
-    user, nice, system, _idle, _iowait, irq, softirq = (int(v) for v in parts[1:8])
-    return (user + nice + system + irq + softirq) / _CLK_TCK  # not idle, iowait or steal
-
-
-class CpuMeter:
-    """CPU seconds per group of PIDs; 'other' is the rest of the machine (Ray, other users)."""
-
-    def __init__(self, groups: dict[str, list[int]]) -> None:
-        self.groups = {name: list(pids) for name, pids in groups.items() if pids}
-
-    def read(self) -> dict[str, float] | None:
-        busy = _machine_busy_s()
-        if busy is None:
-            return None
-        out: dict[str, float] = {}
-        for name, pids in self.groups.items():
-            out[name] = sum(v for v in (_proc_cpu_s(p) for p in pids) if v is not None)
-        out["_machine"] = busy
-        return out
-
-    @staticmethod
-    def delta(before: dict[str, float] | None, after: dict[str, float] | None) -> dict[str, float]:
-        if not before or not after:
-            return {}
-        d = {k: max(0.0, after[k] - before.get(k, 0.0)) for k in after}
-        machine = d.pop("_machine")
-        d["other"] = max(0.0, machine - sum(d.values()))
-        d["total"] = machine
-        return d
-
-
-# --------------------------------------------------------------------------------------
 # The load generator: one aiohttp session per path, N workers, closed loop
 # --------------------------------------------------------------------------------------
 
@@ -176,13 +122,6 @@ class Sample:
         self.client_cpu_s += other.client_cpu_s
         for k, v in other.cpu.items():
             self.cpu[k] = self.cpu.get(k, 0.0) + v
-
-
-def percentile(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
 
 
 def summarize(sample: Sample) -> dict[str, Any]:
@@ -362,38 +301,7 @@ def bare_deployment(num_replicas: int):
 
 def mode_environment(mode: str) -> dict[str, str]:
     """Env vars Ray must see when it starts."""
-    env: dict[str, str] = {
-        # Explicit "0" rather than unset: RAY_SERVE_THROUGHPUT_OPTIMIZED=1 (via --env)
-        # would otherwise turn direct ingress on by default.
-        "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1" if mode in ("direct", "haproxy") else "0",
-        "RAY_SERVE_ENABLE_HA_PROXY": "1" if mode == "haproxy" else "0",
-        # Only how long an ingress replica drains at shutdown (default 30 s floor).
-        "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "0",
-        # HAProxy's stats/metrics frontends and the fallback Python proxy default to
-        # fixed ports (8404, 9101, 8500, 9500): give them free ones.
-        "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),
-        "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()),
-        "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": str(free_port()),
-        "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT": str(free_port()),
-        "RAY_DEDUP_LOGS": "0",
-    }
-    return env
-
-
-def listener_of(port: int) -> dict[str, Any] | None:
-    """Which process listens on 127.0.0.1:port (psutil comes with Ray)."""
-    try:
-        import psutil
-    except ImportError:
-        return None
-    try:
-        for conn in psutil.net_connections(kind="tcp"):
-            if conn.status == psutil.CONN_LISTEN and conn.laddr and conn.laddr.port == port and conn.pid:
-                proc = psutil.Process(conn.pid)
-                return {"pid": conn.pid, "name": proc.name(), "exe": proc.exe(), "started": proc.create_time()}
-    except (psutil.Error, OSError):
-        return None
-    return None
+    return serve_mode_environment(mode)
 
 
 def record_reference(sim: SimulatorProcess, shapes: dict[str, Shape]) -> tuple[bytes, list[bytes]]:
