@@ -99,6 +99,8 @@ class CacheAwareRouter:
         rate = latency.prefill_s_per_token
         max_age = self._max_load_age_s
         blocks_of = self.index.blocks_of
+        set_capacity = self.index.set_capacity
+        model_capacity = self._model_capacity and per_block > 0
         costs: list[float] = []
         loads: list[int] = []
         waits: list[float] = []
@@ -117,6 +119,10 @@ class CacheAwareRouter:
                 uncached = 0
             cost = wait + base + rate * uncached
             capacity = c.cache_tokens
+            if capacity and model_capacity:
+                # Every replica's modelled cache gets its real size, also the ones this
+                # ingress only hears about from the others' shared placements.
+                set_capacity(c.replica_id, capacity // per_block)
             if capacity and uncached:
                 fill = blocks_of(c.replica_id) * per_block / capacity
                 cost += EVICTION_WEIGHT * rate * uncached * (fill if fill < 1.0 else 1.0)
