@@ -39,6 +39,8 @@ log = logging.getLogger("ray.serve")
 END_SEQ = -1
 REPLAY_TIMEOUT_S = 2.0
 RECONNECT_S = 0.5
+IDLE_CATCH_UP_S = 1.0  # a stream quiet this long asks the replay socket for what it missed
+END_OF_TIME = 1 << 62
 
 
 @dataclass(slots=True)
@@ -155,7 +157,13 @@ class ReplicaEvents:
         sub.connect(self.endpoint)  # ZeroMQ reconnects by itself when the replica restarts
         try:
             while True:
-                frames = await sub.recv_multipart()
+                try:
+                    frames = await asyncio.wait_for(sub.recv_multipart(), IDLE_CATCH_UP_S)
+                except TimeoutError:
+                    # Quiet for a while: batches sent while the subscription was (re)joining
+                    # are only noticed at the next batch, so ask the replay socket now.
+                    await self.replay(self._next or 0, END_OF_TIME)
+                    continue
                 if len(frames) != 3:
                     continue
                 await self.receive(int.from_bytes(frames[1], "big", signed=True), frames[2])
@@ -169,7 +177,7 @@ class ReplicaEvents:
             # and its cache is empty now, whatever we knew of the old one.
             self.status.restarts_seen += 1
             self.blocks.clear()
-            expected = 0
+            expected = self._next = 0  # the old process's numbering means nothing now
         if (expected is None and seq > 0) or (expected is not None and seq > expected):
             await self.replay(expected or 0, seq)
         self._apply(seq, payload)
@@ -191,7 +199,7 @@ class ReplicaEvents:
         """Ask the replay socket for batches [start, until); what it no longer has stays missed."""
         if self.replay_endpoint is None:
             return
-        self.status.replays += 1
+        got = False
         dealer = self._ctx.socket(zmq.DEALER)
         dealer.setsockopt(zmq.LINGER, 0)
         dealer.connect(self.replay_endpoint)
@@ -209,6 +217,9 @@ class ReplicaEvents:
                 if seq == END_SEQ:
                     return
                 if start <= seq < until and (self._next is None or seq >= self._next):
+                    if not got:
+                        self.status.replays += 1
+                        got = True
                     self._apply(seq, payload)
                     self.status.replayed_batches += 1
         except TimeoutError:
