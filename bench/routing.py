@@ -11,6 +11,7 @@ before each path, in one run:
   gateway4:cache_aware     the gateway with 4 ingress replicas (do their indexes agree?)
   gateway-kv:cache_aware   the gateway in precise mode: its index fed by the simulators'
                            KV events (routing.kv_events, routing.tokenizer vllm_sim)
+  gateway4-kv:cache_aware  precise mode with 4 ingress replicas
   sglang:cache_aware       sglang-router (PyPI sglang-router==0.3.2), when installed
   vllm-router:cache_aware  vllm-router (PyPI vllm-router==0.1.17), when installed
   vllm-router:kv_aware     vllm-router fed by the simulators' KV events (ZeroMQ)
@@ -25,8 +26,9 @@ hit rate, the gateway's routing precision (tokens it predicted cached vs tokens 
 simulators found cached), the router's CPU per request and its index memory; then the
 targets of the cache-aware router, each beside its figure.
 
-    python bench/routing.py --quick                     # every path, tiny traces (~6-8 min)
-    python bench/routing.py                             # every workload and path (~25 min)
+    python bench/routing.py --quick                     # every workload and path, short traces (~15 min)
+    python bench/routing.py                             # every workload and path (~30 min)
+    python bench/routing.py --quick --workloads shared_prefix --paths hand,gateway:cache_aware   # ~1.5 min
     python bench/routing.py --workloads shared_prefix --paths hand,gateway,sglang
     python bench/routing.py --json /tmp/routing.json
 
@@ -79,13 +81,14 @@ MODEL = "bench-model"
 APP = "routing-gateway"
 CHAT_PATH = "/v1/chat/completions"
 ROUTER_HEADER = "x-gateway-router"
-GATEWAY_KINDS = ("gateway", "gateway4", "gateway-kv")
+GATEWAY_KINDS = ("gateway", "gateway4", "gateway-kv", "gateway4-kv")
 GATEWAY_ROUTERS = ("cache_aware", "least_request", "session_affinity", "power_of_two")
 ALL_PATHS = (
     "hand",
     *(f"gateway:{r}" for r in GATEWAY_ROUTERS),
     "gateway4:cache_aware",
     "gateway-kv:cache_aware",
+    "gateway4-kv:cache_aware",
     "sglang:cache_aware",
     "vllm-router:cache_aware",
     "vllm-router:kv_aware",
@@ -642,6 +645,7 @@ class GatewayStack:
                 "max_entries": routing.get("prefix_index_max_entries"),
                 "bytes": routing.get("prefix_index_bytes_estimate"),
                 "per_replica_blocks": {r["replica_id"]: r.get("prefix_index_blocks") for r in view.get("replicas", [])},
+                "kv_events": {r["replica_id"]: r.get("kv_events") for r in view.get("replicas", []) if r.get("kv_events")},
             }
         return per
 
@@ -829,8 +833,11 @@ async def stream_chat(session: Any, url: str, headers: dict[str, str], body: byt
                     continue
                 data = line[5:].strip()
                 if data == b"[DONE]":
+                    # Read on to the end of the body, as SDK clients do: leaving early closes
+                    # the connection under the router, which counts the stream as abandoned
+                    # by its client (Serve logs a 499) and may not learn from it.
                     done = True
-                    break
+                    continue
                 if ttft is None:
                     ttft = perf() - start
                 if b'"error"' in data[:20]:
@@ -873,7 +880,7 @@ def chat_body(messages: list[dict[str, str]], max_tokens: int) -> bytes:
 # --------------------------------------------------------------------------------------
 
 
-class Path_:
+class Route:
     """Where the client sends a request, and what happens to the path on churn."""
 
     name = ""
@@ -888,7 +895,7 @@ class Path_:
         return ""
 
 
-class HandPath(Path_):
+class HandPath(Route):
     """Each group/conversation to a fixed replica; a killed replica's groups go to the next
     live one, and to the new replica once it is added."""
 
@@ -920,7 +927,7 @@ class HandPath(Path_):
         return f"hand: slot {i} -> {sim.url}"
 
 
-class GatewayPath(Path_):
+class GatewayPath(Route):
     def __init__(self, name: str, router: str, bases: list[str]) -> None:
         self.name = name
         self.router = router
@@ -933,7 +940,7 @@ class GatewayPath(Path_):
         return self.urls[self._rr % len(self.urls)], self.headers
 
 
-class PeerPath(Path_):
+class PeerPath(Route):
     def __init__(self, name: str, peer: PeerRouter) -> None:
         self.name = name
         self.peer = peer
@@ -952,7 +959,7 @@ class PeerPath(Path_):
 # --------------------------------------------------------------------------------------
 
 
-async def replay(trace: Trace, path: Path_, cluster: Cluster, args: argparse.Namespace) -> tuple[list[Outcome], list[str], float]:
+async def replay(trace: Trace, path: Route, cluster: Cluster, args: argparse.Namespace) -> tuple[list[Outcome], list[str], float]:
     import aiohttp
 
     session = aiohttp.ClientSession(
@@ -1015,7 +1022,7 @@ async def replay(trace: Trace, path: Path_, cluster: Cluster, args: argparse.Nam
     return outcomes, notes, wall
 
 
-def run_trace(trace: Trace, path: Path_, cluster: Cluster, args: argparse.Namespace) -> tuple[list[Outcome], list[str], float]:
+def run_trace(trace: Trace, path: Route, cluster: Cluster, args: argparse.Namespace) -> tuple[list[Outcome], list[str], float]:
     kwargs = {}
     try:
         import uvloop
@@ -1073,6 +1080,43 @@ def summarize(outcomes: list[Outcome], wall: float, sims: dict[str, dict[str, fl
     }
 
 
+# Figures that --repeat reports as the median over rounds (with their range).
+MEDIAN_KEYS = ("ttft_p50_ms", "ttft_p90_ms", "ttft_p99_ms", "e2e_p50_ms", "done_per_s", "hit_rate", "precision",
+               "router_cpu_ms_per_req", "router_idle_pct", "index_entries", "index_bytes", "group_stickiness",
+               "prompt_estimate_ratio")
+
+
+def combine_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One path's rounds as one result: medians of the figures, sums of the counts, the last
+    round's details, and every round under `rounds`."""
+    if len(runs) == 1:
+        return runs[0]
+    good = [r for r in runs if r.get("ok_run")]
+    if not good:
+        return {**runs[-1], "rounds": runs}
+    out = dict(good[-1])
+    for key in MEDIAN_KEYS:
+        values = sorted(r[key] for r in good if r.get(key) is not None)
+        if values:
+            mid = len(values) // 2
+            if len(values) % 2:
+                out[key] = values[mid]
+            else:
+                avg = (values[mid - 1] + values[mid]) / 2
+                out[key] = round(avg) if all(isinstance(v, int) for v in values) else round(avg, 3)
+            out[f"{key}_range"] = [values[0], values[-1]]
+    for key in ("requests", "ok", "errors"):
+        out[key] = sum(r.get(key, 0) for r in good)
+    kinds: Counter = Counter()
+    for r in good:
+        kinds.update(r.get("error_kinds") or {})
+    out["error_kinds"] = dict(kinds.most_common(4))
+    out["notes"] = [n for i, r in enumerate(good) for n in ([f"round {i + 1}: {x}" for x in r.get("notes", [])])]
+    out["rounds"] = runs
+    out["rounds_ok"] = len(good)
+    return out
+
+
 # --------------------------------------------------------------------------------------
 # The run
 # --------------------------------------------------------------------------------------
@@ -1091,7 +1135,7 @@ class Bench:
         if not args.skip_decision:
             self.results["decision"] = time_decisions(args)
         flags = simulator_flags()
-        kv = "vllm-router:kv_aware" in args.paths or "gateway-kv:cache_aware" in args.paths
+        kv = any(p in args.paths for p in ("vllm-router:kv_aware", "gateway-kv:cache_aware", "gateway4-kv:cache_aware"))
         settings = sim_settings(args, flags, kv)
         self.results["simulator"] = {"args": settings.args, "description": settings.description, "blocks": settings.blocks}
         log(f"simulators: {settings.description}")
@@ -1105,8 +1149,13 @@ class Bench:
             log(f"===== workload {name}: {trace.title}")
             wl = {"title": trace.title, "size": trace.size, "info": trace.info, "paths": {}}
             self.results["workloads"][name] = wl
-            for path_name in args.paths:
-                wl["paths"][path_name] = self.run_path(trace, path_name)
+            runs: dict[str, list[dict[str, Any]]] = {p: [] for p in args.paths}
+            for rep in range(args.repeat):
+                if args.repeat > 1:
+                    log(f"{name}: round {rep + 1} of {args.repeat}")
+                for path_name in args.paths:  # rounds interleave, so noise hits every path alike
+                    runs[path_name].append(self.run_path(trace, path_name))
+                    wl["paths"][path_name] = combine_runs(runs[path_name])
             if self.stack:
                 self.stack.delete()
         return self.results
@@ -1121,7 +1170,7 @@ class Bench:
             cluster.restore()
             urls = [s.url for s in cluster.base]
             all_urls = [s.url for s in cluster.all]
-            path: Path_
+            path: Route
             cpu_groups: dict[str, list[int]] = {"client": [os.getpid()]}
             router_groups: tuple[str, ...] = ()
             if kind == "hand":
@@ -1131,8 +1180,8 @@ class Bench:
                 path = HandPath(cluster)
             elif kind in GATEWAY_KINDS:
                 assert self.stack is not None
-                ingress = args.many_ingress if kind == "gateway4" else 1
-                precise = kind == "gateway-kv"
+                ingress = args.many_ingress if kind.startswith("gateway4") else 1
+                precise = kind.endswith("-kv")
                 if self.stack.deployed != (ingress, tuple(all_urls), precise) or policy == "cache_aware":
                     # A fresh gateway for each cache_aware run: its index and latency model start cold too.
                     self.stack.deploy(ingress, all_urls, precise)
@@ -1155,6 +1204,14 @@ class Bench:
                 router_groups = ("router",)
                 result["rss_start_mb"] = round((rss_bytes(self.peer.pids()) or 0) / 2**20, 1)
             cpu_groups["sims"] = cluster.pids()
+            if router_groups and args.idle_s > 0:
+                # What the router burns with no traffic (probes, scrapes, long-polls, pushes):
+                # at a low request rate it is much of the CPU per request.
+                idle = CpuMeter({g: cpu_groups[g] for g in router_groups})
+                i0 = idle.read()
+                time.sleep(args.idle_s)
+                d = CpuMeter.delta(i0, idle.read())
+                result["router_idle_pct"] = round(100 * sum(d.get(g, 0.0) for g in router_groups) / args.idle_s, 1)
             result["setup_s"] = round(time.monotonic() - t_setup, 1)
             cluster.begin()
             meter = CpuMeter(cpu_groups)
@@ -1178,10 +1235,22 @@ class Bench:
                     hits = result["hit_tokens"]
                     result["precision"] = round(pred / hits, 3) if hits else None
                     result["prompt_estimate_ratio"] = round(est / result["query_tokens"], 3) if result["query_tokens"] else None
-                    per = self.stack.index_stats(args.many_ingress if kind == "gateway4" else 1)
+                    per = self.stack.index_stats(ingress)
                     result["index_mode"] = self.stack.index_mode()
                     result["index"] = per
                     if per:
+                        streams = [st for v in per.values() for st in v["kv_events"].values()]
+                        if streams:
+                            result["kv_event_streams"] = {
+                                k: sum(st.get(k) or 0 for st in streams)
+                                for k in ("batches", "replays", "replayed_batches", "restarts_seen", "unknown_parents")}
+                            errors = sorted({st["last_error"] for st in streams if st.get("last_error")})
+                            if errors:
+                                result.setdefault("notes", []).append(f"KV event streams' last errors: {'; '.join(errors)[:200]}")
+                            if result["kv_event_streams"]["unknown_parents"]:
+                                result.setdefault("notes", []).append(
+                                    f"{result['kv_event_streams']['unknown_parents']} stored block batches had a parent the "
+                                    "gateway never saw (could not be keyed)")
                         result["index_entries"] = max(v["entries"] or 0 for v in per.values())
                         result["index_bytes"] = max(v["bytes"] or 0 for v in per.values())
                         result["index_max_entries"] = max(v["max_entries"] or 0 for v in per.values())
@@ -1322,7 +1391,7 @@ def _spread(p: dict[str, Any]) -> str:
 def render(results: dict[str, Any], args: argparse.Namespace) -> str:
     lines: list[str] = []
     sim = results.get("simulator", {})
-    lines.append("=" * 150)
+    lines.append("=" * 158)
     lines.append(f"ROUTING BENCHMARK  {args.replicas} simulated replicas: {sim.get('description', '')}")
     src = (results.get("meta") or {}).get("source") or {}
     if src:
@@ -1333,11 +1402,11 @@ def render(results: dict[str, Any], args: argparse.Namespace) -> str:
                  + ", ".join(f"{d} {installed_version(d) or 'not installed'}" for d in PEER_VERSIONS)
                  + f"; cold caches by {args.cold}; seed {args.seed}")
     head = (f"{'path':24s}{'ok':>5s}{'err':>5s}{'TTFT p50':>10s}{'p90':>8s}{'p99':>8s}{'x hand':>8s}{'e2e p50':>9s}"
-            f"{'done/s':>8s}{'hit rate':>9s}{'pred/act':>9s}{'rtr CPU':>9s}  {'index / memory':24s}{'spread %':16s}")
+            f"{'done/s':>8s}{'hit rate':>9s}{'pred/act':>9s}{'rtr CPU':>9s}{'idle %':>7s}  {'index / memory':24s}{'spread %':16s}")
     for name, wl in results.get("workloads", {}).items():
-        lines.append("=" * 150)
+        lines.append("=" * 158)
         lines.append(f"WORKLOAD {name}: {wl['title']}")
-        lines.append("-" * 150)
+        lines.append("-" * 158)
         lines.append(head)
         hand = wl["paths"].get("hand", {})
         for pname, p in wl["paths"].items():
@@ -1349,15 +1418,24 @@ def render(results: dict[str, Any], args: argparse.Namespace) -> str:
             lines.append(
                 f"{pname:24s}{_f(p['ok'], 5)}{_f(p['errors'], 5)}{_f(p['ttft_p50_ms'], 10)}{_f(p['ttft_p90_ms'], 8)}"
                 f"{_f(p['ttft_p99_ms'], 8)}{_f(ratio, 8, 2)}{_f(p['e2e_p50_ms'], 9)}{_f(p['done_per_s'], 8, 2)}"
-                f"{_f(p['hit_rate'], 9, 3)}{_f(p.get('precision'), 9, 2)}{_f(p['router_cpu_ms_per_req'], 9, 2)}  "
+                f"{_f(p['hit_rate'], 9, 3)}{_f(p.get('precision'), 9, 2)}{_f(p['router_cpu_ms_per_req'], 9, 2)}{_f(p.get('router_idle_pct'), 7, 1)}  "
                 f"{_index_text(p):24s}{_spread(p):16s}"
                 + (f" {p['error_kinds']}" if p["errors"] else "")
             )
+            if p.get("rounds"):
+                hr, p90 = p.get("hit_rate_range"), p.get("ttft_p90_ms_range")
+                lines.append(f"{'':24s}  median of {p.get('rounds_ok')} rounds; hit rate {hr[0]:.3f}-{hr[1]:.3f}" if hr else "")
+                if p90:
+                    lines[-1] += f", TTFT p90 {p90[0]:,.0f}-{p90[1]:,.0f} ms"
+                p50 = p.get("ttft_p50_ms_range")
+                if p50:
+                    lines[-1] += f", p50 {p50[0]:,.0f}-{p50[1]:,.0f} ms"
         notes = [(pname, n) for pname, p in wl["paths"].items() for n in p.get("notes", []) + p.get("peer_notes", [])]
         for pname, note in notes:
             lines.append(f"  note {pname}: {note}")
         gens = {pname: p.get("generated_tokens_per_ok") for pname, p in wl["paths"].items() if p.get("ok_run")}
-        if len({g for g in gens.values() if g is not None}) > 1:
+        known = [g for g in gens.values() if g is not None]
+        if known and max(known) > 1.02 * min(known):
             lines.append(f"  generated tokens per request differ between paths: {gens}")
         if name == "shared_prefix":
             lines.append("  the issue's reference run (older simulator, prefill not shared by an engine step), for comparison:")
@@ -1365,7 +1443,7 @@ def render(results: dict[str, Any], args: argparse.Namespace) -> str:
                 lines.append(f"    {label:38s} TTFT p50 {p50:4d}  p90 {p90:4d}  hit rate {hr:.2f}")
     dec = results.get("decision") or {}
     if dec:
-        lines.append("=" * 150)
+        lines.append("=" * 158)
         lines.append("ROUTING DECISION in-process: CacheAwareRouter.choose (prefix index warm: every prompt on 3 replicas; "
                      f"prompt of {next(iter(dec.values()))['prompt_blocks']} blocks); wall time of 600 single calls, "
                      "CPU time per call (best of 5 batches of 200)")
@@ -1373,12 +1451,12 @@ def render(results: dict[str, Any], args: argparse.Namespace) -> str:
             lines.append(f"  {d['candidates']:4d} candidates: CPU {d['cpu_us']:7.1f} us/call   wall p50 {d['p50_us']:7.1f} us  "
                          f"p99 {d['p99_us']:7.1f} us  mean {d['mean_us']:7.1f} us   (+ hashing the prompt into blocks, once per "
                          f"request in the parser: {d['hash_prompt_us']:.1f} us)")
-    lines.append("=" * 150)
+    lines.append("=" * 158)
     lines.append("TARGETS (cache_aware = gateway:cache_aware unless said)")
-    lines.append(f"{'target':64s}{'figure':>34s}{'target':>24s}   result")
+    lines.append(f"{'target':74s}{'figure':>50s}{'bound':>22s}   result")
     for t in results.get("targets", []):
-        lines.append(f"{t['target']:64s}{t['figure']:>34s}{t['bound']:>24s}   {t['result']}")
-    lines.append("=" * 150)
+        lines.append(f"{t['target']:74s}{t['figure']:>50s}{t['bound']:>22s}   {t['result']}")
+    lines.append("=" * 158)
     return "\n".join(lines)
 
 
@@ -1445,6 +1523,10 @@ def evaluate_targets(results: dict[str, Any], args: argparse.Namespace) -> list[
     else:
         add(f"shared_prefix: {args.many_ingress} ingress replicas' hit rate within 10% of one's", "-", "", None,
             "needs gateway4:cache_aware")
+    k1, k4 = get("shared_prefix", "gateway-kv:cache_aware"), get("shared_prefix", "gateway4-kv:cache_aware")
+    if k1 and k4 and k1.get("hit_rate") and k4.get("hit_rate") is not None:
+        add(f"shared_prefix, precise mode: {args.many_ingress} ingress replicas' hit rate within 10% of one's",
+            f"{k4['hit_rate']} vs {k1['hit_rate']}", f">= {0.9 * k1['hit_rate']:.3f}", k4["hit_rate"] >= 0.9 * k1["hit_rate"])
     # The index is bounded by its configured entry limit (routing.max_index_blocks); in
     # approximate mode, with the replicas' cache sizes known, also by those caches (each
     # replica's LRU holds at most its cache's blocks). Precise mode trusts the replicas'
@@ -1457,7 +1539,7 @@ def evaluate_targets(results: dict[str, Any], args: argparse.Namespace) -> list[
         add("index memory bounded (entries <= routing.max_index_blocks)",
             f"{worst['index_entries']:,} entries, {worst['index_bytes'] / 2**20:.2f} MB ({wl_}, {pn_})",
             f"<= {worst['index_max_entries']:,} entries", worst["index_entries"] <= worst["index_max_entries"])
-        approx = [r for r in runs if not r[1].startswith("gateway-kv")]
+        approx = [r for r in runs if "-kv" not in r[1]]
         if approx and sim_blocks:
             wl_, pn_, worst = max(approx, key=lambda r: r[2]["index_entries"])
             cap = sim_blocks * (args.replicas + (1 if "churn" in wls else 0))
@@ -1489,6 +1571,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--requests", type=int, default=None, help="requests per open-loop workload (default per workload)")
     ap.add_argument("--scale", type=float, default=1.0, help="multiply every workload's request count")
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="rounds of every path (interleaved); tables show medians and the ranges of hit rate and TTFT p90")
     ap.add_argument("--replicas", type=int, default=4, help="simulated vLLM replicas (default 4)")
     ap.add_argument("--many-ingress", type=int, default=4, help="ingress replicas of the gateway4 path (default 4)")
     ap.add_argument("--mode", choices=("direct", "proxy"), default="direct",
@@ -1532,6 +1616,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--metrics-interval", type=float, default=0.2, help="gateway health.metrics_interval_s (default 0.2)")
     ap.add_argument("--no-access-log", action="store_true", help="deploy the gateway with Serve's access log off")
     ap.add_argument("--request-timeout", type=float, default=120.0)
+    ap.add_argument("--idle-s", type=float, default=2.0,
+                    help="seconds the router's idle CPU is measured before each path (0: not measured)")
     ap.add_argument("--json", metavar="PATH", help="write every figure as JSON")
     ap.add_argument("--no-snapshot", action="store_true",
                     help="run the working tree as it is (default: a copy taken at start, see bench/README.md)")
