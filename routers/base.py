@@ -8,7 +8,7 @@ metrics scrape and safe to share between concurrent requests.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple, Protocol, runtime_checkable
 
@@ -66,7 +66,7 @@ class Ranking(list):
 
     __slots__ = ("expected",)
 
-    def __init__(self, ordered: Sequence[Candidate], expected: dict[str, Estimate]) -> None:
+    def __init__(self, ordered: Sequence[Candidate], expected: Mapping[str, Estimate]) -> None:
         super().__init__(ordered)
         self.expected = expected
 

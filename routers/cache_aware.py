@@ -24,7 +24,7 @@ same prompt alike.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 from .base import Candidate, Estimate, Ranking, RoutingFacts
 from .latency import LatencyModel
@@ -61,6 +61,7 @@ class CacheAwareRouter:
         self._model_capacity = model_capacity
         self._models: dict[str, LatencyModel] = {}
         self._ids = StableIds()
+        self._capacities: dict[str, int] = {}  # cache_tokens last given to the index, per replica
 
     def latency(self, model: str) -> LatencyModel:
         found = self._models.get(model)
@@ -72,23 +73,32 @@ class CacheAwareRouter:
 
     def choose(self, facts: RoutingFacts, candidates: Sequence[Candidate]) -> Ranking:
         matched = self.index.match(facts.blocks) if facts.blocks else {}
-        if len(candidates) <= SCORE_ALL_UP_TO:
-            return self._rank(facts, candidates, matched)
+        n = len(candidates)
+        if n <= SCORE_ALL_UP_TO:
+            return self._rank(facts, candidates, matched, ())
         # Many replicas: score the ones holding the prefix plus a window of SCORE_ALL_UP_TO
         # others (least loaded of a window is close to least loaded of all, as in
         # power-of-d choices). The window starts where the request's affinity key points,
         # so every ingress replica scores the same window; the rest follow unscored.
-        n = len(candidates)
         start = facts.affinity_key % n
-        subset = [candidates[(start + j) % n] for j in range(SCORE_ALL_UP_TO)]
+        stop = start + SCORE_ALL_UP_TO
+        if stop <= n:
+            window = list(candidates[start:stop])
+            rest = [*candidates[stop:], *candidates[:start]]
+        else:
+            window = [*candidates[start:], *candidates[: stop - n]]
+            rest = list(candidates[stop - n : start])
         if matched:
-            subset.extend(c for c in candidates if c.replica_id in matched)
-        scored = set(map(id, subset))
-        ranked = self._rank(facts, list({id(c): c for c in subset}.values()), matched)
-        ranked.extend(c for c in candidates if id(c) not in scored)
-        return ranked
+            in_window = {c.replica_id for c in window}
+            if any(r not in in_window for r in matched):
+                window.extend(c for c in rest if c.replica_id in matched)
+                rest = [c for c in rest if c.replica_id not in matched]
+        return self._rank(facts, window, matched, rest)
 
-    def _rank(self, facts: RoutingFacts, candidates: Sequence[Candidate], matched: dict[str, int]) -> Ranking:
+    def _rank(
+        self, facts: RoutingFacts, candidates: Sequence[Candidate], matched: dict[str, int],
+        unscored: Sequence[Candidate],
+    ) -> Ranking:
         # The request path: one flat pass, no per-candidate objects.
         n = len(candidates)
         latency = self.latency(facts.model)
@@ -99,12 +109,14 @@ class CacheAwareRouter:
         rate = latency.prefill_s_per_token
         max_age = self._max_load_age_s
         blocks_of = self.index.blocks_of
-        set_capacity = self.index.set_capacity
+        held_of = matched.get
+        known = self._capacities
         model_capacity = self._model_capacity and per_block > 0
         costs: list[float] = []
         loads: list[int] = []
         waits: list[float] = []
         for c in candidates:
+            rid = c.replica_id
             load = c.inflight  # load.load_of, inlined
             age = c.load_age_s
             if age is not None and age <= max_age:
@@ -113,32 +125,32 @@ class CacheAwareRouter:
                     load = scraped
             slots = c.slots or DEFAULT_SLOTS
             wait = (load + 1 - slots) * service / slots if load >= slots else 0.0
-            held = matched.get(c.replica_id) if matched else None
+            held = held_of(rid)
             uncached = prompt - held * per_block if held else prompt
             if uncached < 0:
                 uncached = 0
             cost = wait + base + rate * uncached
             capacity = c.cache_tokens
-            if capacity and model_capacity:
-                # Every replica's modelled cache gets its real size, also the ones this
-                # ingress only hears about from the others' shared placements.
-                set_capacity(c.replica_id, capacity // per_block)
-            if capacity and uncached:
-                fill = blocks_of(c.replica_id) * per_block / capacity
-                cost += EVICTION_WEIGHT * rate * uncached * (fill if fill < 1.0 else 1.0)
+            if capacity:
+                if model_capacity and known.get(rid) != capacity:
+                    # Every replica's modelled cache gets its real size, also the ones this
+                    # ingress only hears about from the others' shared placements.
+                    known[rid] = capacity
+                    self.index.set_capacity(rid, capacity // per_block)
+                if uncached:
+                    fill = blocks_of(rid) * per_block / capacity
+                    cost += EVICTION_WEIGHT * rate * uncached * (fill if fill < 1.0 else 1.0)
             costs.append(cost)
             loads.append(load)
             waits.append(wait)
         order = sorted(range(n), key=costs.__getitem__)
         if n > 1:
             self._break_ties(order, costs, loads, candidates, facts, per_block)
-        expected: dict[str, Estimate] = {}
-        for i in order[:MAX_ESTIMATES]:
-            c = candidates[i]
-            held = matched.get(c.replica_id, 0) if matched else 0
-            cached = min(prompt, held * per_block)
-            expected[c.replica_id] = Estimate(cached, prompt - cached, waits[i], costs[i])
-        return Ranking([candidates[i] for i in order], expected)
+        ranked = [candidates[i] for i in order]
+        expected = _Estimates(ranked[:MAX_ESTIMATES], order, costs, waits, matched, prompt, per_block)
+        if unscored:
+            ranked.extend(unscored)
+        return Ranking(ranked, expected)
 
     def _break_ties(
         self, order: list[int], costs: list[float], loads: list[int],
@@ -196,4 +208,39 @@ class CacheAwareRouter:
         """Replicas not in ``keep`` are gone: drop their index entries."""
         self.index.retain(keep)
         self._ids.retain(keep)
+        kept = set(keep)
+        self._capacities = {r: v for r, v in self._capacities.items() if r in kept}
 
+
+
+class _Estimates(Mapping[str, Estimate]):
+    """replica_id -> Estimate for the first candidates of a ranking, made only when asked
+    (forwarding asks for the one or two it tries; building ten tuples per request is waste)."""
+
+    __slots__ = ("_at", "_order", "_costs", "_waits", "_matched", "_prompt", "_per_block")
+
+    def __init__(
+        self, first: Sequence[Candidate], order: list[int], costs: list[float], waits: list[float],
+        matched: dict[str, int], prompt: int, per_block: int,
+    ) -> None:
+        self._at = {c.replica_id: i for i, c in enumerate(first)}
+        self._order = order
+        self._costs = costs
+        self._waits = waits
+        self._matched = matched
+        self._prompt = prompt
+        self._per_block = per_block
+
+    def __contains__(self, replica_id: object) -> bool:
+        return replica_id in self._at
+
+    def __len__(self) -> int:
+        return len(self._at)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._at)
+
+    def __getitem__(self, replica_id: str) -> Estimate:
+        i = self._order[self._at[replica_id]]
+        cached = min(self._prompt, self._matched.get(replica_id, 0) * self._per_block)
+        return Estimate(cached, self._prompt - cached, self._waits[i], self._costs[i])

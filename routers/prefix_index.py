@@ -41,41 +41,45 @@ class PrefixIndex:
     # -- reading ---------------------------------------------------------------------
 
     def match(self, keys: Sequence[int]) -> dict[str, int]:
-        """replica_id -> how many leading blocks of ``keys`` it holds (only replicas with >= 1)."""
+        """replica_id -> how many leading blocks of ``keys`` it holds (only replicas with >= 1).
+
+        A replica's holdings are prefix-closed: its LRU evicts a chain from the tail (``add``
+        makes a chain's first block its most recent), and vLLM frees a sequence's blocks
+        tail first. So "holds the first d blocks" is monotone in d and a binary search
+        along the chain finds the depth: ~log2(blocks) lookups per holder instead of one
+        per block (7 instead of 127 for a 2,000-token prompt).
+        """
         if not keys:
             return {}
-        holders = self._holders
-        first = holders.get(keys[0])
+        get = self._holders.get
+        first = get(keys[0])
         if not first:
             return {}
+        n = len(keys)
+        last = get(keys[n - 1])
         matched: dict[str, int] = {}
-        active = list(first)
-        depth = 1
-        get = holders.get
-        for key in keys[1:]:
-            held = get(key)
-            if not held:
-                break
-            if len(active) == 1:
-                if active[0] not in held:
-                    break
-            else:
-                still = [r for r in active if r in held]
-                if len(still) < len(active):
-                    for replica_id in active:
-                        if replica_id not in held:
-                            matched[replica_id] = depth
-                    active = still
-                    if not active:
-                        break
-            depth += 1
-        for replica_id in active:
-            matched[replica_id] = depth
+        for replica_id in first:
+            if last is not None and replica_id in last:
+                matched[replica_id] = n
+                continue
+            lo, hi = 1, n - 1  # the depth is in [lo, hi]: keys[lo - 1] held, keys[hi] not
+            while lo < hi:
+                mid = (lo + hi + 1) >> 1
+                held = get(keys[mid - 1])
+                if held is not None and replica_id in held:
+                    lo = mid
+                else:
+                    hi = mid - 1
+            matched[replica_id] = lo
         return matched
 
     def blocks_of(self, replica_id: str) -> int:
         lru = self._lru.get(replica_id)
         return len(lru) if lru is not None else 0
+
+    def capacity_of(self, replica_id: str) -> int | None:
+        """The replica's modelled cache size in blocks, when known (``set_capacity``)."""
+        return self._capacity.get(replica_id)
 
     def __len__(self) -> int:
         """Entries (block, replica) held: what the memory bound counts."""

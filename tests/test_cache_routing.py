@@ -82,6 +82,33 @@ def test_index_match_counts_leading_blocks_per_replica() -> None:
     assert index.match([1, 2, 9]) == {"a": 2, "b": 3}
 
 
+def _leading_blocks(index: PrefixIndex, replica: str, keys: list[int]) -> int:
+    """The definition, walked block by block: what match's binary search must agree with."""
+    depth = 0
+    for key in keys:
+        if replica not in index._holders.get(key, ()):
+            break
+        depth += 1
+    return depth
+
+
+def test_index_match_agrees_with_a_block_by_block_walk_under_eviction() -> None:
+    gen = random.Random(7)
+    index = PrefixIndex(3000)
+    for replica in ("a", "b", "c"):
+        index.set_capacity(replica, gen.randrange(40, 400))
+    trunks = [[gen.getrandbits(64) for _ in range(gen.randrange(1, 150))] for _ in range(12)]
+    prompts = []
+    for _ in range(600):
+        trunk = gen.choice(trunks)
+        keys = trunk[: gen.randrange(1, len(trunk) + 1)] + [gen.getrandbits(64) for _ in range(gen.randrange(0, 4))]
+        prompts.append(keys)
+        index.add(gen.choice("abc"), keys)
+        probe = gen.choice(prompts)
+        want = {r: d for r in ("a", "b", "c") if (d := _leading_blocks(index, r, probe))}
+        assert index.match(probe) == want
+
+
 def test_index_removed_replica_entries_go() -> None:
     index = PrefixIndex(1000)
     index.add("a", [1, 2, 3])
