@@ -9,7 +9,8 @@ import pytest
 from aiohttp import web
 
 from serve_app.control.load_metrics import parse_load
-from serve_app.control.load_scraper import SCRAPE_CONCURRENCY, LoadScraper
+from serve_app.control.load_metrics import ReplicaLoad
+from serve_app.control.load_scraper import SATURATED_AFTER_S, SCRAPE_CONCURRENCY, LoadScraper
 
 METRICS = """# TYPE vllm:num_requests_running gauge
 vllm:num_requests_running{{engine="0",model_name="m"}} {running}
@@ -22,6 +23,24 @@ vllm:cache_config_info{{block_size="16",cache_dtype="auto",num_gpu_blocks="300",
 def test_parse_load_reads_the_cache_size() -> None:
     load = parse_load(METRICS.format(running=3, waiting=1))
     assert (load.running, load.waiting, load.kv_cache_usage, load.cache_tokens) == (3, 1, 0.25, 4800)
+
+
+def test_slots_are_learned_from_a_lasting_queue_not_from_one_long_step() -> None:
+    """A cold prompt's prefill can fill a step's token budget for longer than a scrape
+    interval: the request behind it waits with slots free (running 1, waiting 1 in two
+    samples in a row). Taking that as "1 slot" made a busy-looking holder lose its prefix."""
+    clock = {"now": 100.0}
+    scraper = LoadScraper("epoch", interval_s=0.2, clock=lambda: clock["now"])
+
+    def round_(running: int, waiting: int) -> int | None:
+        scraper.apply({"r": ReplicaLoad(running, waiting, 0.5, 4800)})
+        clock["now"] += 0.2
+        return scraper.current().samples["r"].slots
+
+    assert [round_(1, 1) for _ in range(3)] == [None, None, None]  # one 0.6 s step: not saturation
+    assert round_(2, 0) is None
+    seen = [round_(4, 2) for _ in range(int(SATURATED_AFTER_S / 0.2) + 2)]
+    assert seen[0] is None and seen[-1] == 4  # a queue that lasts: the slots are full
 
 
 @pytest.mark.asyncio
@@ -70,6 +89,10 @@ async def test_hundreds_of_replicas_every_100ms_with_bounded_concurrency() -> No
         print(f"300 replicas: {per_round * 1000:.0f} ms per round")
         assert per_round < 1.0  # ~0.1 s on an idle machine; generous for a busy one
         assert state["max_now"] <= SCRAPE_CONCURRENCY
+        deadline = time.monotonic() + 10  # r3 queues in every sample: saturated after SATURATED_AFTER_S
+        while update.samples["r3"].slots is None and time.monotonic() < deadline:
+            update = await scraper.since("epoch", update.version, timeout_s=5)
+            assert update is not None
         sample = update.samples["r3"]
         assert (sample.running, sample.waiting, sample.slots, sample.cache_tokens) == (4, 2, 4, 4800)
         assert update.samples["r1"].slots is None  # never seen saturated: unknown

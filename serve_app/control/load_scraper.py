@@ -20,6 +20,10 @@ from .load_metrics import ReplicaLoad, parse_load
 
 SCRAPE_CONCURRENCY = 32
 LONG_POLL_TIMEOUT_S = 20.0
+# A queue that lasts this long means the running slots (or the KV cache) are full. A
+# shorter one can be one long engine step: a request that arrives while a big prefill
+# fills the step's token budget waits for the next step with slots free.
+SATURATED_AFTER_S = 1.0
 
 
 class LoadScraper:
@@ -31,7 +35,7 @@ class LoadScraper:
         self._clock = clock
         self._samples: dict[str, LoadSample] = {}
         self._peak_saturated: dict[str, int] = {}  # most running seen while a queue persisted
-        self._queued: set[str] = set()  # replicas whose last sample had requests waiting
+        self._queued_since: dict[str, float] = {}  # replicas queueing in every sample since then
         self._version = 0
         self._changed = asyncio.Event()
         self._session: aiohttp.ClientSession | None = None
@@ -78,10 +82,12 @@ class LoadScraper:
                 if previous is not None:
                     samples[replica_id] = previous  # kept, and ageing
                 continue
-            # A queue seen in two samples in a row means the running slots are full. One
-            # sample is not enough: a request that arrives mid-step waits for the next step
-            # even with slots free (vLLM schedules per step), and a scrape can catch that.
-            if load.waiting > 0 and replica_id in self._queued:
+            # A queue seen in every sample for SATURATED_AFTER_S means the running slots are
+            # full. A shorter one is not enough: a request that arrives mid-step waits for
+            # the next step even with slots free (vLLM schedules per step), and a step that
+            # prefills a long prompt can last longer than a scrape interval.
+            since = self._queued_since.get(replica_id)
+            if load.waiting > 0 and since is not None and now - since >= SATURATED_AFTER_S:
                 peak = max(self._peak_saturated.get(replica_id, 0), load.running)
                 self._peak_saturated[replica_id] = peak
             samples[replica_id] = LoadSample(
@@ -89,7 +95,10 @@ class LoadScraper:
                 self._peak_saturated.get(replica_id), load.cache_tokens,
             )
         self._peak_saturated = {rid: v for rid, v in self._peak_saturated.items() if rid in loads}
-        self._queued = {rid for rid, load in loads.items() if load is not None and load.waiting > 0}
+        self._queued_since = {
+            rid: self._queued_since.get(rid, now)
+            for rid, load in loads.items() if load is not None and load.waiting > 0
+        }
         self._samples = samples
         self._version += 1
         self._changed.set()
