@@ -646,6 +646,7 @@ class GatewayStack:
                 "bytes": routing.get("prefix_index_bytes_estimate"),
                 "per_replica_blocks": {r["replica_id"]: r.get("prefix_index_blocks") for r in view.get("replicas", [])},
                 "kv_events": {r["replica_id"]: r.get("kv_events") for r in view.get("replicas", []) if r.get("kv_events")},
+                "learned": routing.get("learned"),
             }
         return per
 

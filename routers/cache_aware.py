@@ -71,6 +71,16 @@ class CacheAwareRouter:
             found = self._models[model] = LatencyModel()
         return found
 
+    def learned(self) -> dict[str, dict[str, float]]:
+        """Per model: the rates the cost uses, as learned so far (for /admin)."""
+        return {
+            model: {
+                "prefill_s_per_token": m.prefill_s_per_token, "base_s": m.base_s, "service_s": m.service_s,
+                "ttft_samples": m.samples,
+            }
+            for model, m in self._models.items()
+        }
+
     def choose(self, facts: RoutingFacts, candidates: Sequence[Candidate]) -> Ranking:
         matched = self.index.match(facts.blocks) if facts.blocks else {}
         n = len(candidates)

@@ -408,9 +408,19 @@ class Gateway:
                     "prefix_index_entries": len(self._index),
                     "prefix_index_max_entries": self._index.max_blocks,
                     "prefix_index_bytes_estimate": self._index.memory_bytes(),
+                    "learned": self._learned(),
                 },
             }
         )
+
+    def _learned(self) -> dict[str, Any]:
+        """What the cost-based routers have learned per model (their rates, in seconds)."""
+        out: dict[str, Any] = {}
+        for name, router in self._routers.items():
+            models = getattr(router, "learned", None)
+            if callable(models):
+                out[name] = models()
+        return out
 
     def _index_mode(self) -> str:
         routing = self._config.routing
