@@ -15,6 +15,7 @@ delays other than the ones modelled (`--load-delay-s`, `--share-delay-s`).
     python bench/policy_sim.py                                   # shared_prefix and zipf, every policy
     python bench/policy_sim.py --workloads zipf --paths hand,cache_aware --verbose
     python bench/policy_sim.py --ingress 4                       # K ingress replicas sharing placements
+    python bench/policy_sim.py --paths cache_aware,cache_aware-kv   # approximate vs precise (KV events)
 """
 
 from __future__ import annotations
@@ -32,14 +33,39 @@ from common import REPO, percentile  # noqa: F401  (REPO: puts the repo on sys.p
 
 import routing  # the traces and the simulator sizing, shared with the real benchmark
 
-from routers import Candidate, build_router
+from routers import Candidate, PrefixIndex, build_router
 from serve_app.control.load_metrics import ReplicaLoad
 from serve_app.control.load_scraper import LoadScraper
+from serve_app.ingress.kv_events import BlockMap
 from serve_app.ingress.parsing import parse_request
+from serve_app.ingress.tokenizer import SimulatorTokenizer
 from vllm_sim.engine import Engine, EngineConfig
 from vllm_sim.tokenizer import prompt_token_ids_for_chat
 
 CHAT = "/v1/chat/completions"
+
+
+class Publisher:
+    """An engine's KV events, delivered to every ingress replica after ``delay`` seconds."""
+
+    def __init__(self, replica_id: str, ingresses: list[Ingress], delay: float) -> None:
+        self._rid = replica_id
+        self._ingresses = ingresses
+        self._delay = delay
+        self.count = 0
+
+    def publish(self, events: Any) -> None:
+        self.count += 1
+        batch = list(events)
+        for ing in self._ingresses:
+            if ing.precise:
+                asyncio.get_running_loop().call_later(self._delay, ing.block_maps[self._rid].apply, batch)
+
+    def close(self) -> None:
+        pass
+
+    def published(self) -> int:
+        return self.count
 
 
 class VirtualTimeLoop(asyncio.SelectorEventLoop):
@@ -70,6 +96,7 @@ class Result:
     path: str
     ttft: list[float] = field(default_factory=list)
     placements: list[tuple[float, int | None, int]] = field(default_factory=list)  # (at, group, replica)
+    cached: list[tuple[int, int]] = field(default_factory=list)  # (predicted, found) cached tokens per request
     hits: int = 0
     queries: int = 0
     predicted: int = 0
@@ -99,10 +126,19 @@ class Result:
 
 
 class Ingress:
-    """One gateway ingress replica: its router, its in-flight counts and load view."""
+    """One gateway ingress replica: its router, its in-flight counts and load view.
 
-    def __init__(self, router_name: str) -> None:
-        self.router = build_router(router_name)
+    A path named ``<router>-kv`` is precise mode: token blocks, and the index fed by the
+    engines' KV events (through the gateway's own ``BlockMap``) instead of modelled caches.
+    """
+
+    def __init__(self, path: str, replica_ids: list[str], events_only: bool = False) -> None:
+        self.precise = path.endswith("-kv")
+        name = path.removesuffix("-kv")
+        self.index = PrefixIndex()
+        self.router = build_router(name, index=self.index, model_capacity=not (self.precise and events_only))
+        self.tokenizer = SimulatorTokenizer() if self.precise else None
+        self.block_maps = {rid: BlockMap(rid, self.index, 16, 1 << 20) for rid in replica_ids} if self.precise else {}
         self.inflight: Counter[str] = Counter()
         self.samples: dict[str, Any] = {}
         self.scraped_inflight: dict[str, int] = {}
@@ -131,11 +167,13 @@ class Ingress:
 async def run_path(path: str, trace: routing.Trace, cfg: EngineConfig, args: argparse.Namespace) -> Result:
     loop = asyncio.get_running_loop()
     ids = [f"r{i}" for i in range(args.replicas)]
-    engines = {rid: Engine(cfg) for rid in ids}
     cache_tokens = cfg.num_gpu_blocks * cfg.block_size
     scraper = LoadScraper("sim", args.metrics_interval, clock=loop.time)
     hand = path == "hand"
-    ingresses = [Ingress("least_request" if hand else path) for _ in range(args.ingress)]
+    ingresses = [Ingress("least_request" if hand else path, ids, args.events_only) for _ in range(args.ingress)]
+    engines = {
+        rid: Engine(cfg, Publisher(rid, ingresses, args.event_delay_s) if ingresses[0].precise else None) for rid in ids
+    }
     result = Result(path)
     stop = asyncio.Event()
 
@@ -158,8 +196,8 @@ async def run_path(path: str, trace: routing.Trace, cfg: EngineConfig, args: arg
     async def one(n: int, req: routing.Req) -> None:
         await asyncio.sleep(max(0.0, req.at - loop.time()))
         body = routing.chat_body(req.messages, req.max_tokens)
-        facts = parse_request(CHAT, body, None).facts
         ing = ingresses[n % len(ingresses)]
+        facts = parse_request(CHAT, body, None, tokenizer=ing.tokenizer).facts
         if hand:
             rid = ids[req.key % len(ids)] if req.key is not None else ids[n % len(ids)]
             estimate = None
@@ -179,6 +217,7 @@ async def run_path(path: str, trace: routing.Trace, cfg: EngineConfig, args: arg
         result.placements.append((req.at, req.group, ids.index(rid)))
         slot = len(result.ttft)
         result.ttft.append(0.0)
+        result.cached.append((0, 0))
         ing.inflight[rid] += 1
         engine = engines[rid]
         started = loop.time()
@@ -187,6 +226,7 @@ async def run_path(path: str, trace: routing.Trace, cfg: EngineConfig, args: arg
             await engine.wait(seq, 0)
             ttft = loop.time() - started
             result.ttft[slot] = ttft
+            result.cached[slot] = (estimate.cached_tokens if estimate is not None else 0, seq.cached_tokens)
             while not seq.done:
                 await engine.wait(seq, seq.generated)
         finally:
@@ -230,6 +270,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--load-delay-s", type=float, default=0.02, help="scrape -> ingress (long-poll)")
     ap.add_argument("--share-interval-s", type=float, default=0.1)
     ap.add_argument("--share-delay-s", type=float, default=0.05, help="push -> other ingress replicas")
+    ap.add_argument("--event-delay-s", type=float, default=0.005, help="KV event -> ingress (precise paths: <router>-kv)")
+    ap.add_argument("--events-only", action="store_true",
+                    help="precise paths trust the KV events alone (no modelled LRU of each cache's size)")
     ap.add_argument("--verbose", action="store_true", help="per-request placements of the first paths")
     ap.add_argument("--json")
     args, rest = ap.parse_known_args(argv)
@@ -261,8 +304,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{wl:14s}{seed:5d}  {path:18s}{row['p50']:8.1f}{row['p90']:8.1f}{row['p99']:8.1f}{row['hit']:7.3f}"
                       f"{row['pred']:6.2f}{row['moves']:7d}{row['sticky']:7.2f}{row['slow_first_5s']:8d}{row['slow_after_5s']:8d}")
                 if args.verbose:
-                    for (at, g, r), t in zip(res.placements, res.ttft):
-                        print(f"    {at:7.2f} g{g} -> r{r}  {t * 1000:7.1f} ms")
+                    for (at, g, r), t, (pc, fc) in zip(res.placements, res.ttft, res.cached):
+                        print(f"    {at:7.2f} g{g} -> r{r}  {t * 1000:7.1f} ms  cached predicted {pc:5d} found {fc:5d}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)

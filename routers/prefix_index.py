@@ -108,8 +108,13 @@ class PrefixIndex:
             if lru is not None:
                 self._trim(replica_id, lru)
 
-    def add(self, replica_id: str, keys: Sequence[int]) -> None:
-        """``replica_id`` now holds ``keys`` (a prompt's chain, in order), most recently used."""
+    def add(self, replica_id: str, keys: Sequence[int], touch: bool = True) -> None:
+        """``replica_id`` now holds ``keys`` (a prompt's chain, in order), most recently used.
+
+        ``touch=False`` leaves blocks already held where they are in the LRU: a KV event
+        that reports a chain's new tail must not make it younger than the prefix it
+        hangs from, or the LRU would evict that prefix first.
+        """
         if not keys:
             return
         lru = self._lru.get(replica_id)
@@ -121,8 +126,9 @@ class PrefixIndex:
         # then evicts a chain from its tail, never leaving a block without its parent.
         for key in reversed(keys):
             if key in lru:
-                del lru[key]  # re-inserted below: a plain dict keeps insertion order
-                lru[key] = None
+                if touch:
+                    del lru[key]  # re-inserted below: a plain dict keeps insertion order
+                    lru[key] = None
                 continue
             lru[key] = None
             self._entries += 1

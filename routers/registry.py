@@ -36,7 +36,7 @@ def build_router(
 
     ``rng`` seeds the randomised ones (tests pass a seeded one); ``index`` is the
     prefix index cache_aware reads (shared with a KV-event consumer in precise mode,
-    where the replicas report evictions, so ``model_capacity`` is off).
+    where the replicas also report evictions; ``model_capacity=False`` trusts them alone).
     """
     if name == "cache_aware":
         return CacheAwareRouter(

@@ -147,6 +147,18 @@ def test_index_evicts_a_chain_from_its_tail() -> None:
     assert index.match([7, 8, 9]) == {"a": 3}
 
 
+def test_an_event_for_a_held_chain_does_not_make_its_tail_younger_than_its_prefix() -> None:
+    # KV events report blocks a placement already recorded; re-touching them would make
+    # the chain's tail more recent than its head, and the LRU would evict the head first.
+    index = PrefixIndex(1000)
+    index.set_capacity("a", 5)
+    index.add("a", [1, 2, 3])
+    index.add("a", [7, 8])
+    index.add("a", [2, 3], touch=False)
+    index.add("a", [9])  # one over: the least recently used block goes
+    assert index.match([1, 2, 3]) == {"a": 2}  # the tail went, the prefix stays
+
+
 def test_index_remove_and_clear_as_events_say() -> None:
     index = PrefixIndex(1000)
     index.add("a", [1, 2, 3])

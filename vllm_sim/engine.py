@@ -84,6 +84,7 @@ class Seq:
     num_cached_blocks: int = 0  # leading blocks registered in the prefix cache
     blocks: list[Block] = field(default_factory=list)
     preemptions: int = 0
+    cached_tokens: int = 0  # prompt tokens found in the prefix cache when first admitted
     first_token_at: float | None = None
     outcome: str = ABORT  # overwritten on success; anything else counts as not completed
     failed: bool = False
@@ -344,6 +345,7 @@ class Engine:
             seq.state = RUNNING
             running.append(seq)
             if seq.use_cache and seq.preemptions == 0:
+                seq.cached_tokens = computed
                 self.stats.prefix_queries_tokens += seq.num_tokens
                 self.stats.prefix_hits_tokens += computed
             if len(running) > self.stats.max_seen_running:

@@ -130,7 +130,7 @@ class Gateway:
         self._index = PrefixIndex(routing.max_index_blocks)
         self._routers: dict[str, Router] = {
             name: build_router(
-                name, max_load_age_s=self._config.max_load_age_s(), index=self._index, model_capacity=not routing.precise
+                name, max_load_age_s=self._config.max_load_age_s(), index=self._index
             )
             for name in ROUTER_NAMES
         }
@@ -425,7 +425,8 @@ class Gateway:
     def _index_mode(self) -> str:
         routing = self._config.routing
         if routing.precise:
-            return "precise: the replicas' KV events, plus this replica's own placements until they confirm them"
+            return ("precise: the replicas' KV events, plus this replica's own placements until they confirm them, "
+                    "each replica's cache modelled as an LRU of its size")
         why = "routing.kv_events.enabled is false" if not routing.kv_events.enabled else (
             "KV events are on but routing.tokenizer.kind is none: requests cannot be keyed like the replicas' blocks"
         )

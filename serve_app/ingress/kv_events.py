@@ -122,7 +122,7 @@ class BlockMap:
             self._keys[engine_hash] = parent
             keys.append(parent)
         if keys:
-            self._index.add(self._replica_id, keys)
+            self._index.add(self._replica_id, keys, touch=False)
         while len(self._keys) > self._max:
             del self._keys[next(iter(self._keys))]
 
