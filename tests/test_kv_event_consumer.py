@@ -140,3 +140,51 @@ async def test_evictions_reach_the_index(offset_and_port) -> None:
     finally:
         consumer.close()
         sim.stop()
+
+
+@pytest.mark.asyncio
+async def test_a_long_replay_arrives_whole() -> None:
+    """Joining a replica that has published thousands of batches: its replay socket (a
+    ZeroMQ ROUTER, as in vLLM) sends them all at once and drops what does not fit in the
+    pipe to us. Every batch and the end marker must arrive, so nothing is keyed without
+    its parent. A real ROUTER socket stands in for the replica's (the simulator would take
+    minutes of requests to fill its buffer)."""
+    import msgpack
+    import zmq
+    import zmq.asyncio
+
+    from serve_app.ingress.kv_events import END_SEQ, ReplicaEvents
+
+    port = free_port()
+    ctx = zmq.asyncio.Context()
+    router = ctx.socket(zmq.ROUTER)
+    router.bind(f"tcp://127.0.0.1:{port + 1}")
+    batches = 30000  # vLLM buffers 10,000 by default (buffer_steps); under load fewer overflow
+    tokens = list(range(1, 16 * batches + 1))
+    hashes = list(range(1000, 1000 + batches))
+
+    def payload(i: int) -> bytes:
+        stored = {"type": "BlockStored", "block_hashes": [hashes[i]], "parent_block_hash": hashes[i - 1] if i else None,
+                  "token_ids": tokens[16 * i : 16 * (i + 1)], "block_size": 16, "lora_id": None, "medium": "GPU"}
+        return msgpack.packb([time.time(), [stored], 0])
+
+    async def serve() -> None:
+        client, _, _start = await router.recv_multipart()
+        for i in range(batches):  # as vLLM does: every buffered batch, then the end marker, no waiting
+            await router.send_multipart((client, b"", b"kv-events", i.to_bytes(8, "big"), payload(i)))
+        await router.send_multipart((client, b"", b"", END_SEQ.to_bytes(8, "big", signed=True), b""))
+
+    index = PrefixIndex(1 << 20)
+    config = KVEvents(enabled=True, port=port, replay=True, block_size=16)
+    stream = ReplicaEvents("r", f"http://127.0.0.1:{port - 1}", config, index, ctx, max_entries=1 << 20)
+    server = asyncio.create_task(serve())
+    try:
+        await stream.replay(0, 1 << 62)
+    finally:
+        await asyncio.wait_for(server, 10)
+        router.close(linger=0)
+        ctx.destroy(linger=0)
+    assert stream.status.errors == []
+    assert stream.status.replayed_batches == batches
+    assert stream.blocks.unknown_parents == 0
+    assert index.blocks_of("r") == batches

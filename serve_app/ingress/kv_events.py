@@ -202,6 +202,10 @@ class ReplicaEvents:
         got = False
         dealer = self._ctx.socket(zmq.DEALER)
         dealer.setsockopt(zmq.LINGER, 0)
+        # The replay socket (a ROUTER) sends its whole buffer at once and silently drops
+        # what does not fit in the pipe to us: no receive limit here, so a replay of
+        # thousands of batches arrives whole, end marker included.
+        dealer.setsockopt(zmq.RCVHWM, 0)
         dealer.connect(self.replay_endpoint)
         try:
             await dealer.send_multipart((b"", start.to_bytes(8, "big")))
