@@ -7,6 +7,7 @@ start-up and names the field that is wrong and why.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
@@ -169,9 +170,25 @@ class Tokenizer(_Strict):
 
     `none`: no tokenizer; the prefix index works on text blocks and learns from the
     gateway's own placements. `vllm_sim`: the simulator's documented word tokenizer.
+    `huggingface`: the model's own tokenizer files in `path` (the directory vLLM loads:
+    tokenizer.json and the chat template), e.g. a volume shared with the vLLM pods.
     """
 
-    kind: Literal["none", "vllm_sim"] = "none"
+    kind: Literal["none", "vllm_sim", "huggingface"] = "none"
+    path: str | None = Field(
+        default=None, description="The model's tokenizer directory (kind huggingface): tokenizer.json, tokenizer_config.json."
+    )
+
+    @model_validator(mode="after")
+    def _path_for_huggingface(self) -> Tokenizer:
+        if self.kind == "huggingface":
+            if not self.path:
+                raise ValueError("routing.tokenizer.kind 'huggingface' needs routing.tokenizer.path: the model's tokenizer directory")
+            if not (Path(self.path) / "tokenizer.json").is_file():
+                raise ValueError(
+                    f"routing.tokenizer.path {self.path!r} has no tokenizer.json: give the directory vLLM loads the model's tokenizer from"
+                )
+        return self
 
 
 class Routing(_Strict):
