@@ -260,6 +260,22 @@ def simulate(path: str, trace: routing.Trace, cfg: EngineConfig, args: argparse.
         loop.close()
 
 
+def herd_trace(args: argparse.Namespace) -> routing.Trace:
+    """Every request shares one system prompt (production-stack #957: a shared system
+    prompt must not herd all traffic onto one replica) with a unique question."""
+    rng = random.Random(args.seed * 1000 + 9)
+    system = routing.words(rng, 500)
+    n = args.sizes["shared_prefix"]
+    reqs = [routing.Req(at, [{"role": "system", "content": system}, {"role": "user", "content": routing.words(rng, rng.randint(20, 300))}],
+                        None, args.max_tokens * 2, 0)
+            for at in routing.poisson_times(rng, n, args.rate * 1.5)]
+    return routing.Trace("herd", f"one 500-word system prompt + 20-300-word question; {n} chats at {args.rate * 1.5:g}/s",
+                         requests=reqs)
+
+
+BUILDERS = {**routing.BUILDERS, "herd": herd_trace}
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workloads", default="shared_prefix,zipf,no_sharing")
@@ -296,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
     for wl in args.workloads.split(","):
         for seed in [int(s) for s in args.seeds.split(",")]:
             args.seed = seed
-            trace = routing.BUILDERS[wl](args)
+            trace = BUILDERS[wl](args)
             for path in args.paths.split(","):
                 res = simulate(path, trace, cfg, args)
                 row = {"workload": wl, "seed": seed, **res.row()}
