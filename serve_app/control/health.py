@@ -47,6 +47,9 @@ PROBE_CONCURRENCY = 64
     health_check_period_s=2,
     health_check_timeout_s=10,
     graceful_shutdown_timeout_s=2,
+    # Its calls are the ingress replicas' long-polls and reports, several a second each:
+    # an access-log line per call (idle CPU measured 7.4% -> 5.6% of a core without them).
+    logging_config={"enable_access_log": False},
 )
 class ReplicaHealth:
     async def __init__(self, config: dict[str, Any] | GatewayConfig | None = None) -> None:
