@@ -35,7 +35,7 @@ from .rendezvous import StableIds, weight
 DEFAULT_SLOTS = 8  # running slots assumed until a replica is seen saturated
 MAX_ESTIMATES = 10  # estimates kept for the first candidates: the most attempts forwarding makes
 TIE_S = 1e-9
-SCORE_ALL_UP_TO = 16  # above this many candidates, score a window of them (see choose)
+SCORE_ALL_UP_TO = 8  # above this many candidates, score a window of them (see choose)
 EVICTION_WEIGHT = 1.0  # evicted tokens are assumed as likely to be wanted again as the new ones
 MAX_MODELS = 1024  # latency models kept; model names come from requests
 
