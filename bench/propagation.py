@@ -97,6 +97,8 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from bench.common import fmt as cell, percentile, stop_serve_and_ray  # noqa: E402  (stdlib only; driver side only)
+
 MODEL = "bench-model"
 APP = "propagation"
 NAMESPACE_PREFIX = "bench-prop"
@@ -155,6 +157,7 @@ async def _lag_monitor(samples: collections.deque) -> None:
 
 
 def _lag_stats(samples: collections.deque, t0: float, t1: float) -> dict[str, Any]:
+    # Runs in the replica, which cannot import bench.common: its own nearest ranks.
     lags = sorted(lag for t, lag in list(samples) if t0 <= t <= t1)
     if not lags:
         return {"samples": 0}
@@ -446,36 +449,19 @@ def _window(obj: Any, t0: float, t1: float) -> dict[str, Any]:
 # ======================================================================================
 
 
-def percentile(values: list[float], q: float) -> float | None:
-    """Linear interpolation between closest ranks (numpy's default)."""
-    if not values:
-        return None
-    ordered = sorted(values)
-    if len(ordered) == 1:
-        return ordered[0]
-    pos = (len(ordered) - 1) * q / 100
-    lo = int(pos)
-    hi = min(lo + 1, len(ordered) - 1)
-    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
-
-
 def dist(values: list[float | None]) -> dict[str, Any]:
     vals = [v for v in values if v is not None]
     return {
         "n": len(vals),
-        "p50": percentile(vals, 50),
-        "p99": percentile(vals, 99),
+        "p50": percentile(vals, 0.50),
+        "p99": percentile(vals, 0.99),
         "max": max(vals) if vals else None,
         "mean": statistics.fmean(vals) if vals else None,
     }
 
 
 def fmt(value: Any, width: int = 7, digits: int = 1) -> str:
-    if value is None:
-        return "-".rjust(width)
-    if isinstance(value, float):
-        return f"{value:.{digits}f}".rjust(width)
-    return str(value).rjust(width)
+    return cell(value, width, digits, big=float("inf"))
 
 
 # ======================================================================================
@@ -627,7 +613,7 @@ class HttpPoller:
         return {
             "polls": len(polls),
             "period_ms_mean": 1000 * statistics.fmean(gaps),
-            "period_ms_p99": 1000 * percentile(gaps, 99),
+            "period_ms_p99": 1000 * percentile(gaps, 0.99),
             "request_ms_mean": 1000 * statistics.fmean(durations),
         }
 
@@ -756,24 +742,7 @@ class Bench:
     def stop(self) -> None:
         if self.poller is not None:
             self.poller.stop()
-        if self.serve_started:
-            try:
-                import ray
-                from ray import serve
-
-                if ray.is_initialized():  # serve.shutdown() would ray.init() otherwise
-                    log("serve.shutdown()")
-                    serve.shutdown()
-            except Exception as exc:  # noqa: BLE001
-                log(f"serve.shutdown failed: {exc!r}")
-        if self.ray_started:
-            try:
-                import ray
-
-                log("ray.shutdown()")
-                ray.shutdown()
-            except Exception as exc:  # noqa: BLE001
-                log(f"ray.shutdown failed: {exc!r}")
+        stop_serve_and_ray(log, serve_started=self.serve_started, ray_started=self.ray_started)
         if self.api is not None:
             try:
                 self.api.close()

@@ -21,15 +21,32 @@ pytest_plugins = ["controlplane.pytest_plugin"]
 
 @pytest.fixture(scope="session")
 def serve_http() -> Iterator[str]:
-    """One local Ray and Serve for the whole session; yields the HTTP base URL."""
+    """One local Ray and Serve for the whole session, in the shipped ingress mode; yields the HTTP base URL.
+
+    The mode is what `python -m serve_app` and the RayService start (`serve_app.launch`):
+    HAProxy on the HTTP port in front of the Gateway replicas' own ports. Ray reads it from
+    the environment when it starts, so it is set before `ray.init`. (Serve's Python proxy
+    is covered by tests/test_local_demo.py, in a Ray of its own.)
+    """
     import ray
     from ray import serve
 
-    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    from bench.common import listener_of, serve_mode_environment
+    from serve_app.launch import SHIPPED_MODE
+
+    # LLM_GATEWAY_TEST_INGRESS=proxy runs the suite on Serve's Python proxy instead, to compare.
+    mode = os.environ.get("LLM_GATEWAY_TEST_INGRESS", SHIPPED_MODE)
+    entry = {"haproxy": "haproxy", "proxy": "ray::ProxyActor"}.get(mode)
+    if entry is None:
+        raise pytest.UsageError(f"LLM_GATEWAY_TEST_INGRESS={mode!r}: the suite talks to one entry port; use haproxy or proxy")
+    os.environ.update(serve_mode_environment(mode))
     ray.init(num_cpus=4, include_dashboard=False, namespace="gateway-tests", log_to_driver=False)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:
+        # Every test below talks to the port as a user would: it must be the mode's (HAProxy's).
+        wait_until(lambda: (listener_of(port) or {}).get("name") == entry, 60,
+                   f"{entry} to listen on :{port} (found {listener_of(port)})")
         yield f"http://127.0.0.1:{port}"
     finally:
         serve.shutdown()

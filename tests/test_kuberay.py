@@ -134,6 +134,20 @@ def test_rayservice_structure() -> None:
     assert {6379, 8265, 8000} <= head_ports
 
 
+def test_every_ray_container_starts_serve_in_the_shipped_ingress_mode() -> None:
+    """Ray reads the ingress mode from its environment at start: every Ray container gets
+    what `python -m serve_app` sets (HAProxy on :8000), or that node's port 8000 is the slow proxy."""
+    from serve_app.launch import SHIPPED_MODE, ingress_environment, serve_ingress_mode
+
+    cluster = rayservice()["spec"]["rayClusterConfig"]
+    specs = [cluster["headGroupSpec"]["template"]["spec"], *(g["template"]["spec"] for g in cluster["workerGroupSpecs"])]
+    for spec in specs:
+        for container in spec["containers"]:
+            env = {e["name"]: e["value"] for e in container.get("env", [])}
+            assert ingress_environment(SHIPPED_MODE).items() <= env.items(), f"{container['name']}: {env}"
+            assert serve_ingress_mode(env) == SHIPPED_MODE == "haproxy"
+
+
 def test_vllm_deployment_terminates_gracefully() -> None:
     pod = one(load_docs("vllm-deployment.yaml"), "Deployment")["spec"]["template"]["spec"]
     (container,) = pod["containers"]
