@@ -65,12 +65,14 @@ if str(REPO) not in sys.path:
 
 from bench.common import (  # noqa: E402  (stdlib only)
     CpuMeter,
+    RouterProcess,
+    RouterUnavailable,
     SimulatorProcess,
     direct_ingress_ports,
     free_port,
+    installed_version,
     listener_of,
     percentile,
-    process_tree,
     rss_bytes,
     serve_mode_environment,
     serve_replica_pids,
@@ -679,77 +681,31 @@ class GatewayStack:
 # --------------------------------------------------------------------------------------
 
 
-class PeerUnavailable(RuntimeError):
-    """The peer cannot run here; the reason goes in the table."""
+PeerUnavailable = RouterUnavailable  # the peer cannot run here; the reason goes in the table
 
 
-def installed_version(dist: str) -> str | None:
-    try:
-        import importlib.metadata as md
-
-        return md.version(dist)
-    except Exception:  # noqa: BLE001
-        return None
-
-
-class PeerRouter:
-    """sglang-router or vllm-router as a child process, stopped by PID."""
+class PeerRouter(RouterProcess):
+    """sglang-router or vllm-router (bench/common.RouterProcess), plus what this benchmark
+    needs: the simulators' KV event sources for vllm-router kv_aware, adding a replica on
+    churn, and a note when the installed version is not the one the issue measured."""
 
     def __init__(self, kind: str, policy: str, cluster: Cluster, args: argparse.Namespace) -> None:
-        self.kind = kind
-        self.policy = policy
+        super().__init__("sglang" if kind == "sglang" else "vllm", policy, [])
         self.cluster = cluster
         self.args = args
-        self.proc: subprocess.Popen | None = None
-        self.port = free_port()
-        self.base = f"http://127.0.0.1:{self.port}"
-        self.log_path: Path | None = None
         self.notes: list[str] = []
+        if self.version is not None and self.version != PEER_VERSIONS[self.dist]:
+            self.notes.append(f"{self.dist} {self.version} installed (the issue measured {PEER_VERSIONS[self.dist]})")
 
-    def command(self, urls: list[str]) -> list[str]:
-        dist = "sglang-router" if self.kind == "sglang" else "vllm-router"
-        version = installed_version(dist)
-        if version is None:
-            raise PeerUnavailable(f"{dist} is not installed (pip install {dist}=={PEER_VERSIONS[dist]})")
-        if version != PEER_VERSIONS[dist]:
-            self.notes.append(f"{dist} {version} installed (the issue measured {PEER_VERSIONS[dist]})")
-        common = ["--host", "127.0.0.1", "--port", str(self.port), "--worker-urls", *urls, "--policy", self.policy,
-                  "--prometheus-port", str(free_port()), "--prometheus-host", "127.0.0.1",
-                  # Like the gateway's prober: a dead replica is noticed within seconds.
-                  "--health-check-interval-secs", "2"]
-        if self.kind == "sglang":
-            return [sys.executable, "-m", "sglang_router.launch_router", *common, "--log-level", "warn"]
-        exe = shutil.which("vllm-router")
-        cmd = [exe] if exe else [sys.executable, "-m", "vllm_router.launch_router"]
-        cmd += [*common, "--log-level", "warning"]
+    def start(self, urls: list[str]) -> None:  # type: ignore[override]
+        self.urls = list(urls)
         if self.policy == "kv_aware":
             if not self.cluster.event_ports:
                 raise PeerUnavailable("kv_aware needs the simulators' KV events (started without them)")
-            cmd += ["--kv-event-block-size", str(self.cluster.settings.block_size), "--kv-event-model", MODEL]
+            self.extra = ["--kv-event-block-size", str(self.cluster.settings.block_size), "--kv-event-model", MODEL]
             for url in urls:
-                cmd += ["--kv-event-source", f"{url}=tcp://127.0.0.1:{self.cluster.event_ports[url]}"]
-        return cmd
-
-    def start(self, urls: list[str]) -> None:
-        cmd = self.command(urls)
-        log_file = tempfile.NamedTemporaryFile(prefix=f"bench-{self.kind}-", suffix=".log", delete=False)
-        self.log_path = Path(log_file.name)
-        self.proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     env={**os.environ, "NO_COLOR": "1", "RUST_LOG_STYLE": "never"})
-        log_file.close()
-        deadline = time.monotonic() + 90
-        while True:
-            if self.proc.poll() is not None:
-                raise PeerUnavailable(f"{self.kind} exited with code {self.proc.returncode}: {self.log_tail()}")
-            try:
-                status, _ = _http("GET", self.base + "/health", timeout=2)
-                if status == 200:
-                    break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise PeerUnavailable(f"{self.kind} not healthy after 90s: {self.log_tail()}")
-            time.sleep(0.3)
+                self.extra += ["--kv-event-source", f"{url}=tcp://127.0.0.1:{self.cluster.event_ports[url]}"]
+        super().start(timeout_s=90.0)
         if self.policy == "kv_aware":
             time.sleep(1.5)  # ZeroMQ subscriptions settle (events sent before are lost)
 
@@ -772,27 +728,6 @@ class PeerRouter:
             answers.append(f"{path} -> {status} {text[:100]!r}")
         self.notes.append(f"could not add the new replica: {'; '.join(answers)}")
         return "; ".join(answers)
-
-    def pids(self) -> list[int]:
-        return process_tree(self.proc.pid) if self.proc and self.proc.poll() is None else []
-
-    def log_tail(self, chars: int = 600) -> str:
-        if not self.log_path:
-            return ""
-        text = re.sub(r"\x1b\[[0-9;]*m", "", self.log_path.read_text(errors="replace"))
-        lines = [l for l in text.splitlines() if l.strip()]
-        return " | ".join(lines[-4:])[-chars:]
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        if self.log_path is not None and not os.environ.get("BENCH_KEEP_LOGS"):
-            self.log_path.unlink(missing_ok=True)
 
 
 # --------------------------------------------------------------------------------------
