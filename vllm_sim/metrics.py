@@ -46,6 +46,16 @@ class _EngineCollector(Collector):
                      labels, engine.running)
         yield _gauge("vllm:num_requests_waiting", "Number of requests waiting to be processed.",
                      labels, engine.waiting)
+        if not self._legacy:
+            # vLLM >= 0.11 splits the waiting queue by reason; the simulator's requests wait
+            # only for capacity (running slots or KV blocks), never deferred.
+            by_reason = GaugeMetricFamily(
+                "vllm:num_requests_waiting_by_reason", "Number of requests waiting, by reason.",
+                labels=[*LABELS, "reason"],
+            )
+            by_reason.add_metric([*labels, "capacity"], engine.waiting)
+            by_reason.add_metric([*labels, "deferred"], 0)
+            yield by_reason
         usage_name = "vllm:gpu_cache_usage_perc" if self._legacy else "vllm:kv_cache_usage_perc"
         yield _gauge(usage_name, "KV-cache usage. 1 means 100 percent usage.",
                      labels, engine.kv_cache_usage)

@@ -111,8 +111,8 @@ def chat_completion_body(
                         "annotations": None,
                         "audio": None,
                         "function_call": None,
-                        "tool_calls": [],
-                        "reasoning_content": None,
+                        # vLLM drops an empty tool_calls list; its reasoning field is `reasoning`
+                        "reasoning": None,
                     },
                     "logprobs": None,
                     "finish_reason": finish_reason,
