@@ -549,6 +549,7 @@ class GatewayStack:
             "discovery": {"kind": "static", "urls": urls, "models": {u: [MODEL] for u in urls}},
             "router": "cache_aware",
             "health": self.args.gateway_health,
+            "expose_replica_urls": True,  # x-gateway-replica names the simulator: placements per group
         }
         if precise:
             raw["routing"] = {"tokenizer": {"kind": "vllm_sim"},

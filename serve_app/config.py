@@ -7,6 +7,8 @@ start-up and names the field that is wrong and why.
 
 from __future__ import annotations
 
+import os
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -80,10 +82,16 @@ class EmbeddedSimulators(_Strict):
 class Timeouts(_Strict):
     connect_s: float = Field(default=3.0, gt=0)
     first_byte_s: float = Field(
-        default=300.0, gt=0, description="Until the first body byte; long prompts take time."
+        default=300.0, gt=0,
+        description="With no byte by then, the replica must pass a liveness check (/v1/models) or it counts as hung.",
     )
-    idle_s: float = Field(default=120.0, gt=0, description="Longest gap between stream chunks.")
-    total_s: float = Field(default=1800.0, gt=0)
+    idle_s: float = Field(default=120.0, gt=0, description="Longest gap between stream chunks (else the replica is stuck).")
+    total_s: float = Field(default=1800.0, gt=0, description="The request's own limit; reaching it is not the replica's fault.")
+    request_body_s: float = Field(
+        default=60.0, gt=0,
+        description="Longest time to receive a request body from the client (else 408); a slow sender "
+        "must not hold a Gateway slot forever.",
+    )
 
 
 class Retries(_Strict):
@@ -144,6 +152,21 @@ class Health(_Strict):
     eject_after_failures: int = Field(default=3, ge=1, description="Consecutive 5xx/timeouts before ejection.")
     ejection_base_s: float = Field(default=2.0, gt=0)
     ejection_max_s: float = Field(default=60.0, gt=0)
+
+
+class MetricsSettings(_Strict):
+    """Bounds on the label sets of the gateway's own /metrics."""
+
+    replica_series_ttl_s: float = Field(
+        default=600.0, ge=1,
+        description="A vLLM replica's series (`replica` label) are dropped this long after it left the table, "
+        "so pod churn cannot grow /metrics without bound.",
+    )
+    retire_ingress_after_s: float = Field(
+        default=600.0, ge=30,
+        description="An ingress replica silent this long is gone: its counters are folded into one retired "
+        "total (fleet sums never go down) and its own entry is dropped.",
+    )
 
 
 class KVEvents(_Strict):
@@ -229,13 +252,42 @@ class GatewayConfig(_Strict):
         description="Models answered with 503 rather than 404 even while no replica serves them.",
     )
     api_keys: list[SecretStr] = Field(default_factory=list, description="If set, clients must send one as a Bearer token.")
+    api_keys_file: str | None = Field(
+        default=None,
+        description="More client keys from a file, one per line (a mounted Kubernetes Secret); blank lines and # comments are skipped.",
+    )
+    api_keys_env: str | None = Field(
+        default=None, description="More client keys from this environment variable, separated by commas or whitespace."
+    )
+    admin_api_keys: list[SecretStr] = Field(
+        default_factory=list,
+        description="Keys for /admin/*. When any key is set, /admin/* needs one of these (closed if there are none).",
+    )
+    admin_api_keys_file: str | None = Field(default=None, description="Admin keys from a file, as api_keys_file.")
+    admin_api_keys_env: str | None = Field(default=None, description="Admin keys from an environment variable.")
+    protect_metrics: bool = Field(default=False, description="/metrics needs a client or an admin key.")
+    expose_replica_urls: bool = Field(
+        default=False,
+        description="Show replicas' internal URLs to clients in x-gateway-replica; false shows an opaque id instead.",
+    )
+    upstream_api_key: SecretStr | None = Field(
+        default=None, description="Sent as a Bearer token to vLLM (started with --api-key) on requests and probes."
+    )
+    upstream_api_key_file: str | None = Field(default=None, description="The upstream key from a file.")
+    upstream_api_key_env: str | None = Field(default=None, description="The upstream key from an environment variable.")
     max_body_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
+    max_response_bytes: int = Field(
+        default=128 * 1024 * 1024, ge=1024,
+        description="Largest non-streamed answer the gateway reads from a replica (streams pass through "
+        "unbuffered); above it the client gets a 502 upstream_response_too_large.",
+    )
     retry_after_s: int = Field(default=2, ge=1)
     timeouts: Timeouts = Field(default_factory=Timeouts)
     retries: Retries = Field(default_factory=Retries)
     hold: Hold = Field(default_factory=Hold)
     health: Health = Field(default_factory=Health)
     routing: Routing = Field(default_factory=Routing)
+    metrics: MetricsSettings = Field(default_factory=MetricsSettings)
 
     @field_validator("router")
     @classmethod
@@ -257,6 +309,55 @@ class GatewayConfig(_Strict):
         if self.routing.max_load_age_s is not None:
             return self.routing.max_load_age_s
         return max(1.0, 5 * self.health.metrics_interval_s)
+
+    def resolve_keys(self, field: str) -> list[bytes]:
+        """The keys of `field` (api_keys, admin_api_keys, upstream_api_key) from all its sources.
+
+        Files and environment variables are read where the gateway runs (a Ray worker, a
+        pod), not where the config was written. Raises ConfigError naming the field.
+        """
+        inline = getattr(self, field)
+        if isinstance(inline, SecretStr):
+            inline = [inline]
+        keys = [key.get_secret_value().encode() for key in inline or ()]
+        path = getattr(self, f"{field}_file")
+        if path:
+            try:
+                with open(path, encoding="utf-8") as handle:
+                    text = handle.read()
+            except (OSError, UnicodeDecodeError) as exc:
+                raise ConfigError(f"{field}_file: cannot read {path!r}: {getattr(exc, 'strerror', None) or exc}") from None
+            found = [line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith("#")]
+            if not found:
+                raise ConfigError(f"{field}_file: {path!r} holds no key")
+            keys += [key.encode() for key in found]
+        name = getattr(self, f"{field}_env")
+        if name:
+            value = os.environ.get(name)
+            if value is None:
+                raise ConfigError(f"{field}_env: the environment variable {name!r} is not set")
+            found = [key for key in re.split(r"[,\s]+", value) if key]
+            if not found:
+                raise ConfigError(f"{field}_env: {name!r} holds no key")
+            keys += [key.encode() for key in found]
+        return keys
+
+    def resolve_all_keys(self) -> dict[str, list[bytes]]:
+        """Every key source, checked at once: one line per problem, as `load_config` does."""
+        out: dict[str, list[bytes]] = {}
+        problems: list[str] = []
+        for field in ("api_keys", "admin_api_keys", "upstream_api_key"):
+            try:
+                out[field] = self.resolve_keys(field)
+            except ConfigError as exc:
+                problems.append(str(exc))
+        if len(out.get("upstream_api_key", ())) > 1:
+            problems.append("upstream_api_key: set it in one place only (the key, _file or _env), and one key")
+        if self.protect_metrics and not problems and not (out["api_keys"] or out["admin_api_keys"]):
+            problems.append("protect_metrics: needs api_keys or admin_api_keys (or their _file / _env) to be set")
+        if problems:
+            raise ConfigError(f"invalid gateway config ({len(problems)} problem(s)):\n  " + "\n  ".join(problems))
+        return out
 
     def static_urls(self) -> list[str]:
         """Static URLs, including the embedded simulators' addresses."""

@@ -135,6 +135,9 @@ def gateway(serve_http: str) -> Iterator[Callable[..., GatewayUnderTest]]:
         **overrides: Any,
     ) -> GatewayUnderTest:
         discovery = overrides.pop("discovery", {"kind": "static", "urls": urls, "models": models or {}})
+        # The tests compare x-gateway-replica with the simulators' URLs: show them (the
+        # default hides them from clients; tests/test_security.py checks that).
+        overrides.setdefault("expose_replica_urls", True)
         config = GatewayConfig.model_validate({"discovery": discovery, "health": FAST_HEALTH, **overrides})
         options: dict[str, Any] = {"num_replicas": ingress_replicas, "ray_actor_options": {"num_cpus": 0}}
         if max_ongoing_requests is not None:  # the Gateway's Serve slots, as `deployments:` would set them

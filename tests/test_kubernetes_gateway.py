@@ -267,9 +267,11 @@ def test_readyz_is_503_until_discovery_has_synced(gateway, control_plane, k8s_na
         60, "/readyz to say why it is not ready",
     )
     assert ready.json()["ready"] is False
+    assert "127.0.0.1" not in ready.text  # open to anyone: the kind of problem, not the address
     for model in (MODEL, "no-such-model"):
         with pytest.raises(openai.APIStatusError) as info:
             gw.sdk().chat.completions.create(model=model, messages=CHAT, max_tokens=4)
         assert info.value.status_code == 503, info.value
+        assert "127.0.0.1" not in info.value.response.text
         assert info.value.response.headers["retry-after"] == "2"
         assert info.value.response.headers["x-gateway-reason"] == "discovery_not_synced"

@@ -65,11 +65,15 @@ class ReplicaHealth:
         self._probe_now = asyncio.Event()
         self._warm = asyncio.Event()  # set once the first full view is built
         self._table.add_listener(self._on_change)
-        self._metrics = MetricsAggregator()
+        self._metrics = MetricsAggregator(
+            retire_after_s=self._config.metrics.retire_ingress_after_s,
+            replica_series_ttl_s=self._config.metrics.replica_series_ttl_s,
+        )
         self._session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=PROBE_CONCURRENCY, keepalive_timeout=4.0)
         )
-        self._prober = Prober(self._session, health.probe_timeout_s)
+        upstream_key = self._config.resolve_keys("upstream_api_key")
+        self._prober = Prober(self._session, health.probe_timeout_s, upstream_key[0] if upstream_key else None)
         self._loads = LoadScraper(self._table.epoch, health.metrics_interval_s)
         self._placements = PlacementRelay()
         self._loops = BackgroundLoops()
@@ -189,9 +193,11 @@ class ReplicaHealth:
         return await self._placements.since(origin, seq)
 
     def push_metrics(self, source_id: str, families: tuple[FamilyData, ...]) -> None:
+        self._metrics.replicas_live(self._table.replica_ids())
         self._metrics.push(source_id, families)
 
     def metrics_text(self) -> bytes:
+        self._metrics.replicas_live(self._table.replica_ids())
         return render([*self._metrics.merged(), *replica_state_metrics(self._table.snapshot())])
 
     def current(self) -> Snapshot:

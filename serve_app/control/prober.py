@@ -19,9 +19,11 @@ class ProbeResult:
 
 
 class Prober:
-    def __init__(self, session: aiohttp.ClientSession, timeout_s: float) -> None:
+    def __init__(self, session: aiohttp.ClientSession, timeout_s: float, upstream_key: bytes | None = None) -> None:
         self._session = session
         self._timeout = aiohttp.ClientTimeout(total=timeout_s)
+        # vLLM's --api-key guards /v1/* (not /health): the models probe sends it.
+        self._auth = {"authorization": "Bearer " + upstream_key.decode()} if upstream_key else {}
 
     async def probe(self, url: str, want_models: bool) -> ProbeResult:
         try:
@@ -31,7 +33,7 @@ class Prober:
                     return ProbeResult(False, f"/health answered {resp.status}")
             if not want_models:
                 return ProbeResult(True)
-            async with self._session.get(url + "/v1/models", timeout=self._timeout) as resp:
+            async with self._session.get(url + "/v1/models", timeout=self._timeout, headers=self._auth) as resp:
                 if resp.status != 200:
                     return ProbeResult(True)
                 payload = await resp.json(content_type=None)

@@ -7,10 +7,13 @@ copy while the actor is away.
 
 
 import asyncio
+import hashlib
+import hmac
 import logging
 import time
 import uuid
 from collections import deque
+from collections.abc import Iterable
 from typing import Any
 
 import aiohttp
@@ -38,6 +41,8 @@ from .tokenizer import build_tokenizer
 log = logging.getLogger("ray.serve")
 
 METRICS_PUSH_INTERVAL_S = 1.0
+# This replica drops a gone vLLM replica's series this long after the fleet aggregate has.
+METRICS_FORGET_MARGIN_S = 60.0
 MAX_SHARED_PLACEMENTS = 4096  # outbox bound if the actor is away
 FIRST_SNAPSHOT_WAIT_S = 30.0
 MAX_PENDING_REPORTS = 256
@@ -78,6 +83,43 @@ async def _bug(request: Request, exc: Exception) -> Response:
     )
 
 
+class KeyChecker:
+    """A presented key checked against every configured key in constant time.
+
+    Both sides are compared as SHA-256 digests (equal lengths, so the comparison says
+    nothing about a key's length), and every key is compared every time, so the time
+    taken does not tell which key matched, or how far a guess got.
+    """
+
+    def __init__(self, keys: Iterable[bytes]) -> None:
+        self._digests = tuple(hashlib.sha256(key).digest() for key in keys)
+
+    def __bool__(self) -> bool:
+        return bool(self._digests)
+
+    def accepts(self, token: str) -> bool:
+        presented = hashlib.sha256(token.encode("utf-8", "surrogatepass")).digest()
+        matched = False
+        for digest in self._digests:
+            matched |= hmac.compare_digest(presented, digest)
+        return matched
+
+
+def _bearer(request: Request) -> str:
+    header = request.headers.get("authorization", "")
+    return header[7:] if header[:7].lower() == "bearer " else ""
+
+
+def _invalid_key() -> GatewayError:
+    return GatewayError(401, "Missing or invalid API key.", type="invalid_request_error", code="invalid_api_key")
+
+
+def public_reason(message: str, parts: int = 1) -> str:
+    """The first `parts` clauses of a status message: the kind of problem, not its details
+    (which can hold internal addresses or exception text; they stay in /admin/replicas)."""
+    return ": ".join(message.split(": ")[:parts])
+
+
 def _too_large(limit: int) -> GatewayError:
     return GatewayError(
         413, f"request body is larger than {limit} bytes", type="invalid_request_error", code="request_too_large"
@@ -115,6 +157,9 @@ class Gateway:
         simulators: DeploymentHandle | None = None,
     ) -> None:
         self._config = config if isinstance(config, GatewayConfig) else load_config(config)
+        keys = self._config.resolve_all_keys()  # files and variables are read here, where the gateway runs
+        self._client_keys = KeyChecker(keys["api_keys"])
+        self._admin_keys = KeyChecker(keys["admin_api_keys"])
         self._health = health
         self._simulators = simulators  # bound only so the demo's replicas are deployed with the app
         self._id = _replica_id()
@@ -140,7 +185,7 @@ class Gateway:
         self._pending_reports: set[asyncio.Task] = set()
         self._forwarder = Forwarder(
             self._config, self._view, self._inflight, self._session, self._report_failure, self._metrics,
-            slots=_serve_slots(),
+            slots=_serve_slots(), upstream_key=(keys["upstream_api_key"] or [None])[0],
         )
         self._loops = BackgroundLoops()
         self._loops.start("snapshot-poll", self._poll_snapshots())
@@ -241,6 +286,9 @@ class Gateway:
     async def _push_metrics(self) -> None:
         while True:
             await asyncio.sleep(METRICS_PUSH_INTERVAL_S)
+            if self._view.has_snapshot:
+                ttl = self._config.metrics.replica_series_ttl_s + METRICS_FORGET_MARGIN_S
+                self._metrics.forget_replicas(self._view.replica_ids(), ttl)
             try:
                 await self._health.push_metrics.remote(self._id, self._metrics.export())
             except asyncio.CancelledError:
@@ -305,7 +353,8 @@ class Gateway:
                 # Unknown only by a view that is current: stale or never-synced discovery may not have seen it yet.
                 doubt = self._view.discovery_doubt()
                 if doubt is not None:
-                    raise model_unconfirmed(model, *doubt, self._config.retry_after_s)
+                    code, why = doubt
+                    raise model_unconfirmed(model, code, public_reason(why, 2), self._config.retry_after_s)
                 raise model_not_found(model)
             model_label = model
             router = self._router_for(request)
@@ -315,15 +364,27 @@ class Gateway:
         return await self._forwarder.forward(path, body, parsed, request_id, router)
 
     def _check_auth(self, request: Request) -> None:
-        keys = self._config.api_keys
-        if not keys:
-            return
-        header = request.headers.get("authorization", "")
-        token = header[7:] if header[:7].lower() == "bearer " else ""
-        if not any(token == key.get_secret_value() for key in keys):
+        if self._client_keys and not self._client_keys.accepts(_bearer(request)):
+            raise _invalid_key()
+
+    def _check_admin(self, request: Request) -> None:
+        """/admin/* shows the replicas' addresses and state: with any key set, it needs an admin key."""
+        if self._admin_keys:
+            if not self._admin_keys.accepts(_bearer(request)):
+                raise _invalid_key()
+        elif self._client_keys:
             raise GatewayError(
-                401, "Missing or invalid API key.", type="invalid_request_error", code="invalid_api_key"
+                403, "The admin routes are closed: API keys are set but no admin key is. Set admin_api_keys "
+                "(or admin_api_keys_file / admin_api_keys_env) to open them.",
+                type="permission_error", code="admin_closed",
             )
+
+    def _check_metrics(self, request: Request) -> None:
+        if not self._config.protect_metrics:
+            return
+        token = _bearer(request)
+        if not (self._client_keys.accepts(token) | self._admin_keys.accepts(token)):
+            raise _invalid_key()
 
     async def _read_body(self, request: Request) -> bytes:
         limit = self._config.max_body_bytes
@@ -331,10 +392,18 @@ class Gateway:
         if declared and declared.isdigit() and int(declared) > limit:
             raise _too_large(limit)
         body = bytearray()
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > limit:
-                raise _too_large(limit)
+        seconds = self._config.timeouts.request_body_s
+        try:
+            async with asyncio.timeout(seconds):  # a client sending slowly must not hold a slot forever
+                async for chunk in request.stream():
+                    body += chunk
+                    if len(body) > limit:
+                        raise _too_large(limit)
+        except TimeoutError:
+            raise GatewayError(
+                408, f"the request body did not arrive within {seconds:g}s (timeouts.request_body_s)",
+                type="invalid_request_error", code="request_timeout",
+            ) from None
         return bytes(body)
 
     def _router_for(self, request: Request) -> Router:
@@ -359,10 +428,12 @@ class Gateway:
         snapshot = self._view.snapshot
         if snapshot is None:
             return JSONResponse({"ready": False, "reason": "no replica view yet"}, status_code=503)
+        # Open to anyone: the kind of problem only, never an address or error text (/admin/replicas has those).
+        discovery = public_reason(snapshot.discovery.message)
         if not snapshot.discovery.synced:  # until discovery has listed once, its view is no view
             return JSONResponse(
-                {"ready": False, "reason": f"replica discovery has not synced yet: {snapshot.discovery.message}",
-                 "discovery": snapshot.discovery.message},
+                {"ready": False, "reason": f"replica discovery has not synced yet: {discovery}",
+                 "discovery": discovery},
                 status_code=503,
             )
         return JSONResponse(
@@ -371,12 +442,13 @@ class Gateway:
                 "view_version": snapshot.version,
                 "stale": snapshot.discovery.stale_since is not None,
                 "stale_since": snapshot.discovery.stale_since,
-                "discovery": snapshot.discovery.message,
+                "discovery": discovery,
             }
         )
 
     @app.get("/admin/replicas")
-    async def replicas(self) -> Response:
+    async def replicas(self, request: Request) -> Response:
+        self._check_admin(request)
         snapshot = self._view.snapshot
         if snapshot is None:
             return JSONResponse({"replicas": [], "reason": "no replica view yet"}, status_code=503)
@@ -449,7 +521,8 @@ class Gateway:
         }
 
     @app.get("/metrics")
-    async def metrics(self) -> Response:
+    async def metrics(self, request: Request) -> Response:
+        self._check_metrics(request)
         try:
             await self._health.push_metrics.remote(self._id, self._metrics.export())
             text = await asyncio.wait_for(self._health.metrics_text.remote(), timeout=5.0)
