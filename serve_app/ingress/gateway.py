@@ -7,6 +7,7 @@ copy while the actor is away.
 
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import logging
@@ -139,6 +140,18 @@ def _replica_id() -> str:
         return serve.get_replica_context().replica_id.unique_id
     except Exception:  # noqa: BLE001 - outside Serve (unit tests)
         return uuid.uuid4().hex[:8]
+
+
+async def _client_gone(request: Request) -> None:
+    """Return once the client has hung up.
+
+    Behind HAProxy or Serve's direct ingress (uvicorn) a handler is not cancelled when its
+    client leaves; the server only says so through ASGI `receive`. The body has been read
+    by then, so the next message is the disconnect. (Serve's own proxy cancels the handler,
+    which cancels this too.)
+    """
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 @serve.deployment(
@@ -361,7 +374,23 @@ class Gateway:
         except GatewayError as err:
             self._metrics.rejected(model_label, err.status)
             return err.response()
-        return await self._forwarder.forward(path, body, parsed, request_id, router)
+        forward = asyncio.ensure_future(self._forwarder.forward(path, body, parsed, request_id, router))
+        gone = asyncio.ensure_future(_client_gone(request))
+        try:
+            await asyncio.wait((forward, gone), return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            forward.cancel()
+            gone.cancel()
+            raise
+        if forward.done():
+            gone.cancel()
+            return forward.result()
+        # The client hung up before its answer started: stop waiting on the replica, whose
+        # connection the forwarder then closes (vLLM aborts the request and frees its slot).
+        forward.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await forward
+        return Response(status_code=499)  # nobody is there to read it
 
     def _check_auth(self, request: Request) -> None:
         if self._client_keys and not self._client_keys.accepts(_bearer(request)):
