@@ -21,7 +21,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import threading
@@ -32,6 +31,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from vllm_sim.testing import free_port_run
 
 REPO = Path(__file__).resolve().parent.parent
 CACHE = Path(os.environ.get("LLM_GATEWAY_CACHE", Path.home() / ".cache" / "llm-gateway"))
@@ -80,26 +81,8 @@ def require_vllm() -> Path:
 
 
 def _port_run(count: int, host: str = "127.0.0.1") -> int:
-    """A port P with P .. P+count-1 all free a moment ago."""
-    for _ in range(200):
-        with socket.socket() as probe:
-            probe.bind((host, 0))
-            base = probe.getsockname()[1]
-        if base + count > 65535:
-            continue
-        socks = []
-        try:
-            for port in range(base, base + count):
-                s = socket.socket()
-                socks.append(s)
-                s.bind((host, port))
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise RuntimeError("no run of free ports found")
+    """A port P with P .. P+count-1 all free, outside the ephemeral range (vllm_sim.testing)."""
+    return free_port_run(count)
 
 
 def generate_model(python: Path, out: Path, *extra: str, timeout: float = 600) -> Path:

@@ -13,7 +13,7 @@ from routers import PrefixIndex
 from routers.prefix import token_blocks
 from serve_app.config import KVEvents
 from serve_app.ingress.kv_events import KVEventConsumer
-from vllm_sim.testing import SimulatorProcess, free_port
+from vllm_sim.testing import SimulatorProcess, free_port_run
 from vllm_sim.tokenizer import prompt_token_ids_for_chat
 
 MODEL = "sim-model"
@@ -57,9 +57,8 @@ async def until(predicate, timeout: float, what: str) -> None:
 
 @pytest.fixture
 def offset_and_port():
-    port = free_port()
-    offset = free_port() - port  # any two free ports: the event port is found from the HTTP port
-    return port, offset
+    offset = 3  # events at the HTTP port + 3, replay at + 4
+    return free_port_run(offset + 2), offset
 
 
 @pytest.mark.asyncio
@@ -155,7 +154,7 @@ async def test_a_long_replay_arrives_whole() -> None:
 
     from serve_app.ingress.kv_events import END_SEQ, ReplicaEvents
 
-    port = free_port()
+    port = free_port_run(2)  # the replay socket binds port + 1
     ctx = zmq.asyncio.Context()
     router = ctx.socket(zmq.ROUTER)
     router.bind(f"tcp://127.0.0.1:{port + 1}")

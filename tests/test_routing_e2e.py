@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterator
 import httpx
 import pytest
 
-from vllm_sim.testing import SimulatorProcess, free_port
+from vllm_sim.testing import SimulatorProcess, free_port_run
 
 from tests.support import wait_until
 
@@ -86,7 +86,7 @@ def event_simulators() -> Iterator[Callable[[int, int], list[SimulatorProcess]]]
 
     def start(count: int, offset: int) -> list[SimulatorProcess]:
         for _ in range(count):
-            port = free_port()
+            port = free_port_run(offset + 2)  # HTTP, ..., events at + offset, replay at + offset + 1
             events = {"enable_kv_cache_events": True, "endpoint": f"tcp://*:{port + offset}",
                       "replay_endpoint": f"tcp://*:{port + offset + 1}"}
             sim = SimulatorProcess(["--model", MODEL, "--ttft", "0.01", "--itl", "0.002",

@@ -47,6 +47,40 @@ def free_port(host: str = "127.0.0.1") -> int:
         return sock.getsockname()[1]
 
 
+# Below Linux's ephemeral range (32768-60999 by default: every outgoing connection takes
+# one) and above Ray's worker ports (10002-19999): a port picked here stays free unless
+# something binds it on purpose, while a kernel-picked free port can be taken by the next
+# outgoing connection before the process that needs it binds it.
+_RUN_RANGE = (20000, 32000)
+_handed_out: set[int] = set()
+
+
+def free_port_run(count: int) -> int:
+    """A port P with P .. P+count-1 all free (on every interface) and not handed out before
+    in this process: for a simulator's HTTP port plus its KV event and replay ports."""
+    import random
+
+    rng = random.Random()
+    for _ in range(1000):
+        base = rng.randrange(_RUN_RANGE[0], _RUN_RANGE[1] - count)
+        ports = range(base, base + count)
+        if _handed_out.intersection(ports):
+            continue
+        if all(_bindable(port) for port in ports):
+            _handed_out.update(ports)
+            return base
+    raise RuntimeError(f"no run of {count} free ports in {_RUN_RANGE}")
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind(("0.0.0.0", port))
+        except OSError:
+            return False
+    return True
+
+
 class SimulatorError(RuntimeError):
     """The simulator process failed to start, died, or did not become ready."""
 
