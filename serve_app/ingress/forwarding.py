@@ -484,12 +484,15 @@ class Forwarder:
         try:
             yield first
             while True:
-                wait = min(idle_s, deadline - time.monotonic())
+                left = deadline - time.monotonic()
+                wait = min(idle_s, left)
                 try:
                     async with asyncio.timeout(max(wait, 0.001)):
                         chunk = await upstream.content.readany()
                 except TimeoutError:
-                    if time.monotonic() >= deadline:  # the request's own limit: not the replica's fault
+                    # Which limit was waited for, not the clock after it: the loop may wake a
+                    # hair before the deadline, which made a time limit look like a silent replica.
+                    if left <= idle_s:  # the request's own limit: not the replica's fault
                         outcome = "time_limit"
                         yield stream_error_event(
                             f"the request reached the gateway's time limit of {self._config.timeouts.total_s:g}s",
