@@ -77,7 +77,7 @@ from bench.common import (  # noqa: E402  (stdlib only)
     serve_mode_environment,
     serve_replica_pids,
 )
-from vllm_sim.testing import metric_value  # noqa: E402
+from vllm_sim.testing import metric_value, port_bindable  # noqa: E402
 
 MODEL = "bench-model"
 APP = "routing-gateway"
@@ -302,24 +302,13 @@ def sim_settings(args: argparse.Namespace, flags: set[str], kv_events: bool) -> 
 EVENT_PORT_OFFSET = 1000
 
 
-def _bindable(port: int) -> bool:
-    import socket
-
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        try:
-            sock.bind(("0.0.0.0", port))
-        except OSError:
-            return False
-    return True
-
-
 def _port_with_free_offset(offset: int, taken: set[int]) -> int:
     """A free HTTP port p with p + offset and p + offset + 1 free too (events, replay)."""
     rng = random.Random()
     for _ in range(500):
         p = rng.randrange(15000, 20000)
         ports = (p, p + offset, p + offset + 1)
-        if not taken.intersection(ports) and not taken.intersection((p - offset, p - offset - 1)) and all(map(_bindable, ports)):
+        if not taken.intersection(ports) and not taken.intersection((p - offset, p - offset - 1)) and all(map(port_bindable, ports)):
             return p
     raise RuntimeError("no free port with free event ports at the offset")
 

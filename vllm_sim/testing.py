@@ -66,13 +66,14 @@ def free_port_run(count: int) -> int:
         ports = range(base, base + count)
         if _handed_out.intersection(ports):
             continue
-        if all(_bindable(port) for port in ports):
+        if all(port_bindable(port) for port in ports):
             _handed_out.update(ports)
             return base
     raise RuntimeError(f"no run of {count} free ports in {_RUN_RANGE}")
 
 
-def _bindable(port: int) -> bool:
+def port_bindable(port: int) -> bool:
+    """Nothing listens on `port` (any interface) right now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         try:
             sock.bind(("0.0.0.0", port))
